@@ -1,0 +1,17 @@
+"""Session-wide test settings."""
+
+import os
+
+import pytest
+
+# Tests run on 2-core CI machines; one intra-op thread per process keeps parallel
+# Ray workers from oversubscribing the cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache_dir(tmp_path_factory, monkeypatch):
+    """Point the feature and dataset cache at a per-session temporary directory."""
+    cache = tmp_path_factory.getbasetemp() / "h2vlr-cache"
+    monkeypatch.setenv("H2VLR_CACHE_DIR", str(cache))
+    return cache
