@@ -15,3 +15,11 @@ def _isolated_cache_dir(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.getbasetemp() / "h2vlr-cache"
     monkeypatch.setenv("H2VLR_CACHE_DIR", str(cache))
     return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    """The ``tiny-test`` backbone with random weights on the CPU, built once per session."""
+    from h2vlr.backbone import load_backbone
+
+    return load_backbone("tiny-test", "none", device="cpu")
