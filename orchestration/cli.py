@@ -5,11 +5,17 @@ The root app only mounts the command groups; each lives in its own module.
 
 from __future__ import annotations
 
-import typer
+import warnings
 
-from orchestration.cli_cache import app as cache_app
-from orchestration.cli_datasets import app as datasets_app
-from orchestration.cli_run import register_run_commands
+# open_clip still decorates a few helpers with torch.jit.script, which torch 2.14
+# reports as deprecated on every start; the message says nothing to a benchmark user.
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+
+import typer  # noqa: E402
+
+from orchestration.cli_cache import app as cache_app  # noqa: E402
+from orchestration.cli_datasets import app as datasets_app  # noqa: E402
+from orchestration.cli_run import register_run_commands  # noqa: E402
 
 app = typer.Typer(
     name="h2vlr-bench",
