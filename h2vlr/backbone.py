@@ -418,18 +418,26 @@ def _model_mean_std(tag_cfg: dict) -> tuple[tuple[float, ...], tuple[float, ...]
     return mean, std
 
 
+RANDOM_INIT_SEED = 0  # seed of the "--pretrained none" weights
+
+
 def _build_model(
     name: str, checkpoint: Path | None, tag_cfg: dict, image_size: int | None
 ) -> open_clip.CLIP:
     # A pretrained config records whether its weights use QuickGELU, as the OpenAI ones do.
     # open_clip only warns when the model config disagrees, so the activation is forced here.
-    return open_clip.create_model(
-        name,
-        pretrained=str(checkpoint) if checkpoint is not None else None,
-        force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
-        force_image_size=image_size,
-        device="cpu",
-    )
+    # Random init draws from a fixed seed, without touching the caller's generator: every
+    # process (feature tasks, jobs, reruns) must build the same "none" model, because the
+    # feature cache and the results identify it by the weights string "none" alone.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return open_clip.create_model(
+            name,
+            pretrained=str(checkpoint) if checkpoint is not None else None,
+            force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
+            force_image_size=image_size,
+            device="cpu",
+        )
 
 
 def _check_image_size(name: str, image_size: int, patch_size: tuple[int, int]) -> None:

@@ -54,20 +54,44 @@ def group_prompts(groups: dict[str, tuple[str, ...]], class_name: str) -> dict[s
     }
 
 
+# Text embeddings of a (backbone, prompt set) pair, reused by every job and method
+# that a worker process runs: encoding 128 prompts costs seconds on a CPU.
+_CONCEPT_CACHE: dict[tuple, torch.Tensor] = {}
+_CONCEPT_CACHE_SIZE = 64
+
+
 @torch.no_grad()
 def encode_group_concepts(
     backbone: ClipBackbone, groups: dict[str, tuple[str, ...]], class_name: str
 ) -> torch.Tensor:
     """Encode one unit-norm concept per state group: the mean of its prompt embeddings.
 
+    Results are memoised per process, keyed by the backbone identity and device, the
+    groups and the class name.
+
     Returns:
         ``[G, D]`` float32, rows in the order of ``groups``.
     """
+    key = (
+        backbone.identity,
+        str(backbone.device),
+        tuple((name, states) for name, states in groups.items()),
+        class_name,
+    )
+    cached = _CONCEPT_CACHE.get(key)
+    if cached is not None:
+        return cached.clone()
+
     concepts = []
     for prompts in group_prompts(groups, class_name).values():
         embeds = F.normalize(backbone.encode_text(backbone.tokenize(prompts)).float(), dim=-1)
         concepts.append(F.normalize(embeds.mean(dim=0), dim=-1))
-    return torch.stack(concepts)
+    result = torch.stack(concepts)
+
+    if len(_CONCEPT_CACHE) >= _CONCEPT_CACHE_SIZE:
+        _CONCEPT_CACHE.pop(next(iter(_CONCEPT_CACHE)))
+    _CONCEPT_CACHE[key] = result
+    return result.clone()
 
 
 @torch.no_grad()

@@ -289,3 +289,15 @@ def test_vit_l_14_336_shapes():
     assert backbone.grid_size == (24, 24)
     assert global_embeds.shape == (1, 768)
     assert patch_tokens.shape == (1, 4, 576, 768)
+
+
+def test_random_init_same_in_every_process():
+    # The feature cache keys random-init features by the weights string "none" alone,
+    # so two loads, even after other random draws, must build identical weights.
+    first = load_backbone("tiny-test", "none", device="cpu")
+    torch.rand(1000)
+    second = load_backbone("tiny-test", "none", device="cpu")
+    for (name, a), (_, b) in zip(
+        first.model.state_dict().items(), second.model.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"parameter {name} differs")
