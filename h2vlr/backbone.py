@@ -35,6 +35,8 @@ import torch
 from open_clip.transformer import VisionTransformer, text_global_pool
 from PIL import Image
 
+from h2vlr.data.loading import resize_mask
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "ViT-B-16-plus-240"
@@ -336,9 +338,7 @@ class ClipBackbone:
         """
         if mask.ndim != 2:
             raise ValueError(f"invalid mask shape {mask.shape}: expected [H, W]")
-        size = (self.image_size, self.image_size)
-        image = Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255)
-        return np.asarray(image.resize(size, Image.Resampling.NEAREST)) > 127
+        return resize_mask(np.asarray(mask, dtype=bool), self.image_size)
 
     # -- encoders
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 
 import numpy as np
@@ -178,7 +179,8 @@ def test_checkpoint_path_identity_has_sha256(tmp_path):
     assert resolve_weights("tiny-test", "none") == "none"
 
 
-def test_checkpoint_path_gives_same_features(tiny_backbone, tmp_path):
+def test_checkpoint_path_gives_same_features(tiny_backbone, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a local checkpoint needs no network
     path = tmp_path / "tiny.pt"
     torch.save(tiny_backbone.model.state_dict(), path)
     pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
@@ -274,6 +276,37 @@ def test_preprocess_mask_nearest_keeps_regions(tiny_backbone):
     np.testing.assert_array_equal(resized, expected)
 
 
+def test_preprocess_mask_square_exact_at_224():
+    backbone = load_backbone("tiny-test", "none", device="cpu", image_size=224)
+    mask = np.zeros((256, 256), dtype=bool)
+    mask[96:160, 96:160] = True
+
+    resized = backbone.preprocess_mask(mask)
+
+    # 64 * 224 / 256 = 56 rows and columns, from row 96 * 224 / 256 = 84 to 140. Nearest
+    # neighbour keeps this count exact, where interpolating and thresholding would not.
+    assert resized.shape == (224, 224)
+    assert int(resized.sum()) == 3136
+    assert resized[84:140, 84:140].all()
+
+
+def test_preprocess_image_and_mask_aligned(tiny_backbone):
+    mask = np.zeros((120, 200), dtype=bool)
+    mask[30:90, 100:150] = True
+    pixels = np.zeros((120, 200, 3), dtype=np.uint8)
+    pixels[mask] = 255
+    image = Image.fromarray(pixels)
+
+    resized_mask = tiny_backbone.preprocess_mask(mask)
+    resized_image = tiny_backbone.preprocess_image(image)
+
+    # Channel 0 after normalisation: white is far above the mean, black far below.
+    bright = (resized_image[0] > 0).numpy()
+    assert resized_mask.sum() > 0
+    assert (bright == resized_mask).mean() > 0.97
+    assert bright[resized_mask].all()
+
+
 def test_preprocess_mask_rejects_3d(tiny_backbone):
     with pytest.raises(ValueError, match=r"expected \[H, W\]"):
         tiny_backbone.preprocess_mask(np.zeros((4, 4, 3), dtype=bool))
@@ -289,6 +322,32 @@ def test_vit_l_14_336_shapes():
     assert backbone.grid_size == (24, 24)
     assert global_embeds.shape == (1, 768)
     assert patch_tokens.shape == (1, 4, 576, 768)
+
+
+@pytest.mark.slow
+def test_default_backbone_shapes():
+    backbone = load_backbone(pretrained="none", device="cpu")
+
+    global_embeds, patch_tokens = backbone.encode_images(torch.randn(1, 3, 240, 240))
+
+    assert backbone.identity.model_name == "ViT-B-16-plus-240"
+    assert backbone.identity.layers == (3, 6, 9, 12)
+    assert backbone.grid_size == (15, 15)
+    assert global_embeds.shape == (1, 640)
+    assert patch_tokens.shape == (1, 4, 225, 640)
+
+
+def test_default_weights_are_laion400m():
+    defaults = inspect.signature(load_backbone).parameters
+
+    assert defaults["name"].default == "ViT-B-16-plus-240"
+    assert defaults["pretrained"].default == "laion400m_e32"
+    assert defaults["device"].default == "auto"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback without CUDA")
+def test_auto_device_without_gpu_is_cpu():
+    assert resolve_device("auto") == torch.device("cpu")
 
 
 def test_random_init_same_in_every_process():

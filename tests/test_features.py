@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from h2vlr.features import (
     cache_key,
     image_sha256,
 )
+from h2vlr.paths import default_cache_dir
 
 
 @pytest.fixture
@@ -201,6 +203,55 @@ def test_entries_stored_as_float16(tiny_backbone, cache, image_paths):
     assert not list(cache.root.rglob(".tmp-*"))
 
 
+def test_concurrent_writers_leave_whole_entries(tiny_backbone, cache, image_paths):
+    """Writers racing on one entry, as Ray workers do, never expose a partial file."""
+    identity = tiny_backbone.identity
+    key = cache_key(identity, image_sha256(image_paths[0]))
+    versions = [
+        {"global_embeds": torch.full((32,), float(i)), "patch_tokens": torch.full((4, 64, 32), i)}
+        for i in range(4)
+    ]
+    reads: list[dict[str, torch.Tensor] | None] = []
+    writers_done = threading.Event()
+
+    def write(values: dict[str, torch.Tensor]) -> None:
+        for _ in range(20):
+            cache.save(identity, key, values)
+
+    def read() -> None:
+        while not writers_done.is_set():
+            reads.append(cache.load(identity, key))
+
+    reader = threading.Thread(target=read)
+    writers = [threading.Thread(target=write, args=(v,)) for v in versions]
+    reader.start()
+    for thread in writers:
+        thread.start()
+    for thread in writers:
+        thread.join()
+    writers_done.set()
+    reader.join()
+
+    first = next(i for i, values in enumerate(reads) if values is not None)
+    loaded = reads[first:]
+    # Writers rename complete files into place, so once an entry exists every read succeeds.
+    assert all(values is not None for values in loaded)
+    for values in loaded:
+        value = float(values["global_embeds"][0])
+        assert value in (0.0, 1.0, 2.0, 3.0)
+        assert (values["patch_tokens"] == value).all()
+    assert cache.load(identity, key) is not None
+    assert not list(cache.root.rglob(".tmp-*"))
+
+
+def test_default_cache_dir_without_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("H2VLR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+    assert default_cache_dir() == tmp_path / ".cache" / "h2vlr-bench"
+    assert FeatureCache().root == tmp_path / ".cache" / "h2vlr-bench" / "features"
+
+
 def test_without_cache_writes_nothing(tiny_backbone, tmp_path, image_paths):
     extractor = FeatureExtractor(tiny_backbone, None)
 
@@ -306,12 +357,15 @@ def test_usage_and_clear(tiny_backbone, cache, image_paths):
     assert cache.usage() == []
 
 
-def test_progress_bar_runs(tiny_backbone, cache, image_paths):
+def test_progress_bar_runs(tiny_backbone, cache, image_paths, capsys):
     extractor = FeatureExtractor(tiny_backbone, cache, batch_size=2, progress=True)
 
     features = extractor.extract(image_paths)
 
+    output = capsys.readouterr().out
     assert len(features) == 5
+    assert "5/5 images" in output
+    assert "images/s" in output
 
 
 MAGNETIC_TILE = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "magnetic-tile"

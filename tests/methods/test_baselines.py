@@ -16,7 +16,7 @@ from PIL import Image
 from sklearn.metrics.pairwise import cosine_distances
 from sklearn.neighbors import NearestNeighbors
 
-from h2vlr.data import get_dataset, sample_support
+from h2vlr.data import get_dataset, load_mask, sample_support
 from h2vlr.features import FeatureCache, FeatureExtractor, Features
 from h2vlr.methods import FitContext, QueryBatch, ScoreOutput, create_method, list_methods
 from h2vlr.methods.clip_zeroshot import NO_MAP_REASON
@@ -31,6 +31,7 @@ from h2vlr.methods.winclip import (
     window_kind,
     window_patch_indices,
 )
+from h2vlr.metrics import evaluate
 from h2vlr.registry import UnknownNameError
 
 BASELINES = ("clip-zeroshot", "winclip", "winclip-plus", "patch-knn")
@@ -184,6 +185,31 @@ def test_clip_zeroshot_matches_two_class_sigmoid(tiny_backbone, shared_extractor
     scale = float(tiny_backbone.model.logit_scale.exp())
     difference = scale * (embeds @ text[1] - embeds @ text[0])
     np.testing.assert_allclose(output.image_scores, 1 / (1 + np.exp(-difference)), rtol=1e-5)
+
+
+def test_clip_zeroshot_pixel_metrics_nan_with_reason(tiny_backbone, shared_extractor, demo):
+    data, support, _ = demo
+    test = [sample.path for sample in data.test]
+    masks = np.stack(
+        [
+            tiny_backbone.preprocess_mask(load_mask(sample.mask_path))
+            if sample.mask_path is not None
+            else np.zeros((tiny_backbone.image_size,) * 2, dtype=bool)
+            for sample in data.test
+        ]
+    )
+    output = _fit_score(
+        "clip-zeroshot", tiny_backbone, shared_extractor, data.class_name, support, test
+    )
+
+    labels = [sample.label for sample in data.test]
+    result = evaluate(labels, output.image_scores, masks, output.anomaly_maps, output.map_reason)
+
+    assert masks.any()
+    assert np.isfinite(result.values["image_auroc"])
+    for name in ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro"):
+        assert np.isnan(result.values[name])
+        assert result.reasons[name] == "method makes no anomaly map"
 
 
 def test_clip_zeroshot_logit_scale_option(tiny_backbone, shared_extractor, demo):
