@@ -1,0 +1,287 @@
+"""One benchmark job: sample the support set, fit the method, score the test split.
+
+``run_job`` never raises for a problem of the job itself: any exception becomes a
+``failed`` row that carries the exception text and the head of its traceback, so one
+bad job cannot stop a run. Features are read through the shared ``FeatureCache``,
+which the run's feature-extraction tasks filled beforehand; the job records how many
+images it had to encode itself (0 when the cache was complete).
+
+Shapes: ``B`` test images, ``S`` evaluation resolution.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import platform
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from orchestration.planning import SHOT_FULL, JobSpec
+from results.schema import METRIC_NAMES, STATUS_FAILED, STATUS_OK
+
+logger = logging.getLogger(__name__)
+
+SCORE_BATCH_SIZE = 32  # test images scored per method.score call
+TRACEBACK_LINES = 12  # lines of a failed job's traceback kept in the jobs table
+# Test hook: a job exits its worker process once when <dir>/<job_id>.exit exists (the
+# file is removed first), to exercise Ray's retry of dead workers.
+FAULT_DIR_ENV = "H2VLR_FAULT_DIR"
+
+_BACKBONES: dict[tuple[str, str, int, str], Any] = {}  # one backbone per worker process
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """Rows of one job, ready for ``RunStore.write_job``."""
+
+    job_row: dict[str, Any]  # one row of the jobs table
+    score_rows: list[dict[str, Any]]  # one row of the scores table per test image
+
+
+def get_backbone(backbone: str, pretrained: str, image_size: int, device: str):
+    """Load a backbone once per worker process and reuse it for every later job."""
+    from h2vlr.backbone import load_backbone
+
+    key = (backbone, pretrained, image_size, device)
+    if key not in _BACKBONES:
+        logger.info("loading backbone %s (%s) on %s", backbone, pretrained, device)
+        _BACKBONES[key] = load_backbone(backbone, pretrained, device=device, image_size=image_size)
+    return _BACKBONES[key]
+
+
+def run_job(spec: JobSpec, cache_dir: str | None) -> JobResult:
+    """Run one job; every exception becomes a ``failed`` result instead of propagating."""
+    started = datetime.now(timezone.utc)
+    try:
+        return _run(spec, cache_dir, started)
+    except Exception as exc:  # the job's failure is data, recorded in its row
+        logger.exception("job %s failed", spec.job_id)
+        return failed_result(spec, exc, started)
+
+
+def _run(spec: JobSpec, cache_dir: str | None, started: datetime) -> JobResult:
+    from h2vlr.data import get_dataset, load_support_lists, sample_support
+    from h2vlr.features import FeatureCache, FeatureExtractor
+
+    backbone = get_backbone(spec.backbone, spec.pretrained, spec.image_size, spec.device)
+    data = get_dataset(spec.dataset).load_category(Path(spec.data_root), spec.category)
+    lists = load_support_lists(Path(spec.support_lists)) if spec.support_lists else None
+    shot: int | str = spec.shot if spec.shot == SHOT_FULL else int(spec.shot)
+    support = sample_support(data, shot, spec.seed, lists)
+    extractor = FeatureExtractor(backbone, FeatureCache(Path(cache_dir) if cache_dir else None))
+
+    fit_start = time.perf_counter()
+    method, fit_stats = _fit(spec, backbone, extractor, data, [s.path for s in support])
+    fit_seconds = time.perf_counter() - fit_start
+    _exit_if_armed(spec.job_id)
+
+    score_start = time.perf_counter()
+    scores, maps, map_reason = _score(method, extractor, [s.path for s in data.test])
+    score_seconds = time.perf_counter() - score_start
+    metrics = _evaluate(backbone, data, scores, maps, map_reason)
+
+    row = spec_columns(spec)
+    row.update(
+        n_support=len(support),
+        status=STATUS_OK,
+        error="",
+        traceback="",
+        n_test=len(data.test),
+        n_test_anomalous=len(data.test_anomalous),
+        support_files=[sample.rel_path for sample in support],
+        fit_stats=json.dumps({k: float(v) for k, v in (fit_stats or {}).items()}, sort_keys=True),
+        images_encoded=extractor.stats.encoded + extractor.stats.extra_computed,
+        feature_cache_hits=extractor.stats.cache_hits + extractor.stats.extra_cache_hits,
+        fit_seconds=fit_seconds,
+        score_seconds=score_seconds,
+        images_per_second=len(data.test) / score_seconds if score_seconds > 0 else float("nan"),
+        device=str(backbone.device),
+        started_at=started,
+        finished_at=datetime.now(timezone.utc),
+    )
+    for name in METRIC_NAMES:
+        row[name] = float(metrics.values[name])
+        row[f"{name}_reason"] = metrics.reasons.get(name, "")
+    return JobResult(row, _score_rows(spec, data.test, scores))
+
+
+def _fit(spec: JobSpec, backbone, extractor, data, support_paths: list[Path]):
+    """Build the job's method and fit it on the support set; returns it and its fit stats.
+
+    Support features come from the cache (the support images are pool images, which the
+    feature task extracted).
+    """
+    from h2vlr.methods import FitContext, create_method
+
+    _seed_everything(spec.seed)
+    method = create_method(spec.method, spec.variant, spec.method_options())
+    context = FitContext(
+        backbone=backbone,
+        extractor=extractor,
+        class_name=data.class_name,
+        support_paths=support_paths,
+        support_features=extractor.extract(support_paths),
+        seed=spec.seed,
+        device=backbone.device,
+    )
+    return method, method.fit(context)
+
+
+def _seed_everything(seed: int) -> None:
+    # Methods derive their randomness from FitContext.seed; the global generators are
+    # seeded too so that a library call that draws from them is reproducible as well.
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+def _exit_if_armed(job_id: str) -> None:
+    fault_dir = os.environ.get(FAULT_DIR_ENV)
+    if not fault_dir:
+        return
+    marker = Path(fault_dir) / f"{job_id}.exit"
+    if marker.exists():
+        marker.unlink()
+        logger.warning("test hook: exiting the worker in the middle of job %s", job_id)
+        os._exit(1)
+
+
+def _score(method, extractor, paths: list[Path]) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """Score the test images in batches.
+
+    Returns:
+        Image scores ``[B]`` float64, anomaly maps ``[B, S, S]`` float32 or None, and
+        the method's reason for having no maps.
+    """
+    from h2vlr.methods import QueryBatch
+
+    scores: list[np.ndarray] = []
+    maps: list[np.ndarray] = []
+    map_reason = ""
+    for start in range(0, len(paths), SCORE_BATCH_SIZE):
+        batch_paths = paths[start : start + SCORE_BATCH_SIZE]
+        output = method.score(QueryBatch(batch_paths, extractor.extract(batch_paths)))
+        scores.append(np.asarray(output.image_scores, dtype=np.float64).reshape(-1))
+        if output.anomaly_maps is None:
+            map_reason = output.map_reason
+        else:
+            maps.append(np.asarray(output.anomaly_maps, dtype=np.float32))
+    all_maps = np.concatenate(maps) if maps else None
+    if all_maps is not None and all_maps.shape[0] != len(paths):
+        raise RuntimeError(
+            f"method returned anomaly maps for {all_maps.shape[0]} of {len(paths)} test images; "
+            "a method must return maps for every batch or for none"
+        )
+    return np.concatenate(scores), all_maps, map_reason
+
+
+def _evaluate(backbone, data, scores: np.ndarray, maps: np.ndarray | None, map_reason: str):
+    from h2vlr.data import load_mask
+    from h2vlr.metrics import evaluate
+
+    labels = np.array([sample.label for sample in data.test], dtype=np.int64)
+    masks = None
+    if data.has_masks:
+        size = backbone.image_size
+        masks = np.zeros((len(data.test), size, size), dtype=bool)  # [B, S, S]
+        for index, sample in enumerate(data.test):
+            if sample.mask_path is not None:
+                masks[index] = backbone.preprocess_mask(load_mask(sample.mask_path))
+    return evaluate(labels, scores, masks=masks, maps=maps, map_reason=map_reason)
+
+
+def _score_rows(spec: JobSpec, test, scores: np.ndarray) -> list[dict[str, Any]]:
+    return [
+        {
+            "job_id": spec.job_id,
+            "dataset": spec.dataset,
+            "category": spec.category,
+            "shot": spec.shot,
+            "seed": spec.seed,
+            "method": spec.method,
+            "variant": spec.variant,
+            "rel_path": sample.rel_path,
+            "label": int(sample.label),
+            "defect_type": sample.defect_type,
+            "image_score": float(score),
+        }
+        for sample, score in zip(test, scores, strict=True)
+    ]
+
+
+def spec_columns(spec: JobSpec) -> dict[str, Any]:
+    """Return the spec and environment columns shared by ok and failed rows."""
+    return {
+        "job_id": spec.job_id,
+        "dataset": spec.dataset,
+        "category": spec.category,
+        "shot": spec.shot,
+        "seed": spec.seed,
+        "method": spec.method,
+        "variant": spec.variant,
+        "backbone": spec.backbone,
+        "pretrained": spec.weights,
+        "random_weights": spec.weights == "none",
+        "image_size": spec.image_size,
+        "options": json.dumps(spec.method_options(), sort_keys=True),
+        "config_hash": spec.config_hash,
+        "host": socket.gethostname(),
+        "versions": json.dumps(library_versions(), sort_keys=True),
+    }
+
+
+def failed_result(
+    spec: JobSpec, exc: BaseException | str, started: datetime, tb: str = ""
+) -> JobResult:
+    """Build the ``failed`` row of a job from its exception (or an error text)."""
+    if isinstance(exc, BaseException):
+        error = f"{type(exc).__name__}: {exc}"
+        tb = tb or "".join(traceback.format_exception(exc))
+    else:
+        error = exc
+    row = spec_columns(spec)
+    row.update(
+        n_support=0,
+        status=STATUS_FAILED,
+        error=error,
+        traceback="\n".join(tb.rstrip().splitlines()[-TRACEBACK_LINES:]),
+        n_test=0,
+        n_test_anomalous=0,
+        support_files=[],
+        fit_stats="{}",
+        images_encoded=0,
+        feature_cache_hits=0,
+        fit_seconds=float("nan"),
+        score_seconds=float("nan"),
+        images_per_second=float("nan"),
+        device=spec.device,
+        started_at=started,
+        finished_at=datetime.now(timezone.utc),
+    )
+    for name in METRIC_NAMES:
+        row[name] = float("nan")
+        row[f"{name}_reason"] = "job failed"
+    return JobResult(row, [])
+
+
+@functools.lru_cache(maxsize=1)
+def library_versions() -> dict[str, str]:
+    """Return the versions of Python and the libraries that shape the results."""
+    versions = {"python": platform.python_version()}
+    for package in ("h2vlr-bench", "torch", "open_clip_torch", "torch_geometric", "numpy", "ray"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
