@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import functools
-import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -36,6 +34,7 @@ from open_clip.transformer import VisionTransformer, text_global_pool
 from PIL import Image
 
 from h2vlr.data.loading import resize_mask
+from h2vlr.paths import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -105,21 +104,10 @@ def _check_model_name(name: str) -> None:
     raise ValueError(message)
 
 
-@functools.lru_cache(maxsize=16)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    # size and mtime_ns are part of the cache key so that a rewritten file is hashed again.
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def checkpoint_identity(path: Path) -> str:
     """Return ``file:<abs path>@sha256:<hex>`` for a local checkpoint file."""
     resolved = path.expanduser().resolve()
-    stat = resolved.stat()
-    return f"file:{resolved}@sha256:{_file_sha256(str(resolved), stat.st_size, stat.st_mtime_ns)}"
+    return f"file:{resolved}@sha256:{file_sha256(resolved)}"
 
 
 def _offline() -> bool:

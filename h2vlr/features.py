@@ -15,7 +15,6 @@ Floating-point values are stored as float16.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -35,7 +34,7 @@ from safetensors.torch import save as save_safetensors
 
 from h2vlr.backbone import BackboneIdentity, ClipBackbone
 from h2vlr.data.loading import load_image
-from h2vlr.paths import default_cache_dir
+from h2vlr.paths import default_cache_dir, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -90,20 +89,9 @@ class BackboneUsage:
 # ----------------------------------------------------------------------------- keys
 
 
-@functools.lru_cache(maxsize=65536)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    # size and mtime_ns are part of the cache key so that a rewritten file is hashed again.
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def image_sha256(path: Path) -> str:
     """Return the sha256 hex digest of an image file's bytes."""
-    stat = path.stat()
-    return _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    return file_sha256(path)
 
 
 def cache_key(identity: BackboneIdentity, image_digest: str, kind: str = FEATURES_KIND) -> str:
