@@ -6,7 +6,7 @@ image a cache hit) and the bare forward pass on preprocessed pixels. Images are
 random 256 x 256 PNG files in a temporary directory.
 
 Usage:
-    OMP_NUM_THREADS=1 .venv/bin/python bench/backbone_speed.py --output docs/bench_backbone.md
+    OMP_NUM_THREADS=1 .venv/bin/python bench/backbone_speed.py --output /tmp/bench_backbone.md
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 
 from h2vlr.backbone import load_backbone
-from h2vlr.features import FeatureCache, FeatureExtractor, _file_sha256
+from h2vlr.features import FeatureCache, FeatureExtractor
+from h2vlr.paths import _file_sha256
 
 
 @dataclass(frozen=True)
