@@ -15,6 +15,7 @@ Inputs are L2-normalised features, so a dot product is the cosine.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -117,6 +118,68 @@ def visual_affinity_hyperedges(
     )
 
 
+def neighbour_table(positions: Tensor, groups: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Return the padded member table of the spatial hyperedges of ``n`` patches.
+
+    Row ``i`` contains patch ``i``, then its neighbours in ascending order: the patches of
+    the same group within ``size // 2`` rows and columns of it on the grid.
+
+    Args:
+        positions: ``[n, 2]`` long (row, column) on the patch grid.
+        groups: ``[n]`` long image index of each patch.
+        size: side ``r`` of the neighbourhood; even sizes act as ``r + 1``.
+
+    Returns:
+        local ``[n, P]`` long patch indices (column 0 is the patch itself) and valid
+        ``[n, P]`` bool, False on padding.
+    """
+    reach = size // 2
+    delta = (positions.unsqueeze(1) - positions.unsqueeze(0)).abs()  # [n, n, 2]
+    near = (delta <= reach).all(dim=2) & (groups.unsqueeze(1) == groups.unsqueeze(0))
+    near.fill_diagonal_(False)
+
+    width = int(near.sum(dim=1).max().item()) if near.numel() else 0
+    count = positions.shape[0]
+    # Stable sort puts the neighbours (True) first, in node order.
+    order = torch.sort(near.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :width]
+    valid_others = torch.gather(near, 1, order)
+    anchors = torch.arange(count, device=positions.device).unsqueeze(1)
+    local = torch.cat([anchors, order], dim=1)
+    valid = torch.cat([torch.ones_like(anchors, dtype=torch.bool), valid_others], dim=1)
+    return local, valid
+
+
+@functools.lru_cache(maxsize=16)
+def grid_neighbour_table(
+    grid_size: tuple[int, int], size: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Return the ``neighbour_table`` of a full patch grid, computed once per grid, size
+    and device.
+
+    The returned tensors are shared between callers and must not be modified.
+    """
+    count = grid_size[0] * grid_size[1]
+    groups = torch.zeros(count, dtype=torch.long, device=device)
+    return neighbour_table(grid_positions(grid_size, device), groups, size)
+
+
+def table_hyperedges(
+    features: Tensor, local: Tensor, valid: Tensor, node_offset: int, temperature: float = 0.1
+) -> Hyperedges:
+    """Build spatial hyperedges from a ``neighbour_table`` and the patch features.
+
+    Args:
+        features: ``[n, D]`` unit patch features, node ids ``node_offset + i``.
+        local: ``[n, P]`` long member table from ``neighbour_table``.
+        valid: ``[n, P]`` bool, False on padding.
+        node_offset: node id of the first patch.
+        temperature: softmax temperature of the member weights.
+    """
+    cosine = (features.unsqueeze(1) * features[local]).sum(dim=-1)
+    cosine[:, 0] = 1.0
+    return _from_members(local + node_offset, valid, cosine, SPATIAL, temperature)
+
+
 def spatial_hyperedges(
     features: Tensor,
     positions: Tensor,
@@ -139,22 +202,15 @@ def spatial_hyperedges(
         node_offset: node id of the first patch.
         temperature: softmax temperature of the member weights.
     """
-    reach = size // 2
-    delta = (positions.unsqueeze(1) - positions.unsqueeze(0)).abs()  # [n, n, 2]
-    near = (delta <= reach).all(dim=2) & (groups.unsqueeze(1) == groups.unsqueeze(0))
-    near.fill_diagonal_(False)
+    local, valid = neighbour_table(positions, groups, size)
+    return table_hyperedges(features, local, valid, node_offset, temperature)
 
-    width = int(near.sum(dim=1).max().item()) if near.numel() else 0
-    count = features.shape[0]
-    # Stable sort puts the neighbours (True) first, in node order.
-    order = torch.sort(near.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :width]
-    valid_others = torch.gather(near, 1, order)
-    anchors = torch.arange(count, device=features.device).unsqueeze(1)
-    local = torch.cat([anchors, order], dim=1)
-    valid = torch.cat([torch.ones_like(anchors, dtype=torch.bool), valid_others], dim=1)
-    cosine = (features.unsqueeze(1) * features[local]).sum(dim=-1)
-    cosine[:, 0] = 1.0
-    return _from_members(local + node_offset, valid, cosine, SPATIAL, temperature)
+
+def top_members(concepts: Tensor, patches: Tensor, members: int) -> tuple[Tensor, Tensor]:
+    """Return the cosines ``[C, m]`` and indices ``[C, m]`` of each concept's ``m`` most
+    similar patches, ``m = min(members, n)``, for unit ``[C, D]`` concepts and ``[n, D]``
+    patches."""
+    return (concepts @ patches.T).topk(min(members, patches.shape[0]), dim=1)
 
 
 def semantic_hyperedges(
@@ -165,6 +221,7 @@ def semantic_hyperedges(
     concept_offset: int,
     support_offset: int,
     temperature: float = 0.1,
+    support_top: tuple[Tensor, Tensor] | None = None,
 ) -> Hyperedges:
     """Build one hyperedge per concept: the concept, its ``members`` most similar query
     patches and its ``members`` most similar support patches.
@@ -175,9 +232,13 @@ def semantic_hyperedges(
         support: ``[Ns, D]`` unit support patches, node ids ``support_offset + j``.
         members: ``M``, capped at ``Nq`` and ``Ns`` respectively.
         temperature: softmax temperature of the member weights.
+        support_top: ``top_members(concepts, support, members)`` when already known (it
+            does not depend on the query).
     """
-    query_cos, query_ids = (concepts @ query.T).topk(min(members, query.shape[0]), dim=1)
-    support_cos, support_ids = (concepts @ support.T).topk(min(members, support.shape[0]), dim=1)
+    query_cos, query_ids = top_members(concepts, query, members)
+    if support_top is None:
+        support_top = top_members(concepts, support, members)
+    support_cos, support_ids = support_top
     anchors = torch.arange(concepts.shape[0], device=concepts.device).unsqueeze(1)
     anchors = anchors + concept_offset
     node_ids = torch.cat([anchors, query_ids, support_ids + support_offset], dim=1)
@@ -269,9 +330,80 @@ def make_support_bank(
     return SupportBank(features, positions, image_index, spatial)
 
 
+@dataclass(frozen=True)
+class ConceptLinks:
+    """Unit concepts and their support members at one feature layer; they do not depend
+    on the query, so one value serves every query image."""
+
+    concepts: Tensor  # [C, D] unit concept embeddings
+    members: int  # M of the semantic hyperedges
+    support_cosine: Tensor  # [C, m] cosine of each concept's m = min(M, Ns) support members
+    support_ids: Tensor  # [C, m] long support index of those members
+
+
+def link_concepts(concepts: Tensor, bank: SupportBank, members: int) -> ConceptLinks:
+    """Normalise ``[C, D]`` concepts and find their ``members`` nearest support patches."""
+    concepts = F.normalize(concepts.float(), dim=-1)
+    support_cosine, support_ids = top_members(concepts, bank.features, members)
+    return ConceptLinks(concepts, members, support_cosine, support_ids)
+
+
 def _shift_nodes(edges: Hyperedges, offset: int) -> Hyperedges:
     shift = torch.tensor([[offset], [0]], device=edges.index.device)
     return dataclasses.replace(edges, index=edges.index + shift)
+
+
+def build_hyperedges(
+    query: Tensor,
+    bank: SupportBank,
+    links: ConceptLinks | None,
+    grid_size: tuple[int, int],
+    *,
+    k_neighbors: int,
+    spatial_size: int,
+    pairwise: bool = False,
+    temperature: float = 0.1,
+) -> Hyperedges:
+    """Build the hyperedges of one query image at one feature layer.
+
+    Nodes are numbered ``[query (N) | support (Ns) | concepts (C)]`` as in
+    ``build_hypergraph``.
+
+    Args:
+        query: ``[N, D]`` unit query patches in row-major grid order.
+        bank: support patches of the same layer.
+        links: concepts of the same layer, or None for no semantic hyperedges.
+        grid_size: ``(gh, gw)`` with ``gh * gw == N``.
+        k_neighbors: ``K`` of the visual-affinity hyperedges.
+        spatial_size: ``r`` of the query's spatial hyperedges (the bank has its own).
+        pairwise: expand every hyperedge into anchor-member pairs (a plain graph).
+        temperature: softmax temperature of the member weights.
+    """
+    support = bank.features
+    nq, ns = query.shape[0], support.shape[0]
+    local, valid = grid_neighbour_table(tuple(grid_size), spatial_size, query.device)
+    parts = [
+        visual_affinity_hyperedges(query, support, k_neighbors, nq, temperature),
+        table_hyperedges(query, local, valid, 0, temperature),
+        _shift_nodes(bank.spatial, nq),
+    ]
+    if links is not None:
+        parts.append(
+            semantic_hyperedges(
+                links.concepts,
+                query,
+                support,
+                links.members,
+                nq + ns,
+                nq,
+                temperature,
+                support_top=(links.support_cosine, links.support_ids),
+            )
+        )
+    edges = concat_hyperedges(parts)
+    if pairwise:
+        edges = pairwise_expansion(edges, temperature)
+    return edges
 
 
 def build_hypergraph(
@@ -302,57 +434,57 @@ def build_hypergraph(
         temperature: softmax temperature of the member weights.
     """
     query = F.normalize(query.float(), dim=-1)
-    concepts = F.normalize(concepts.float(), dim=-1)
-    support = bank.features
-    nq, ns = query.shape[0], support.shape[0]
-    device = query.device
-    query_groups = torch.zeros(nq, dtype=torch.long, device=device)
-
-    parts = [
-        visual_affinity_hyperedges(query, support, k_neighbors, nq, temperature),
-        spatial_hyperedges(
-            query, grid_positions(grid_size, device), query_groups, spatial_size, 0, temperature
-        ),
-        _shift_nodes(bank.spatial, nq),
-    ]
-    if semantic_edges:
-        parts.append(
-            semantic_hyperedges(
-                concepts, query, support, semantic_members, nq + ns, nq, temperature
-            )
-        )
-    edges = concat_hyperedges(parts)
-    if pairwise:
-        edges = pairwise_expansion(edges, temperature)
-
-    node_type = torch.cat(
-        [
-            torch.full((nq,), QUERY, dtype=torch.long, device=device),
-            torch.full((ns,), SUPPORT, dtype=torch.long, device=device),
-            torch.full((concepts.shape[0],), CONCEPT, dtype=torch.long, device=device),
-        ]
+    links = link_concepts(concepts, bank, semantic_members)
+    edges = build_hyperedges(
+        query,
+        bank,
+        links if semantic_edges else None,
+        grid_size,
+        k_neighbors=k_neighbors,
+        spatial_size=spatial_size,
+        pairwise=pairwise,
+        temperature=temperature,
     )
-    return Hypergraph(x=torch.cat([query, support, concepts]), node_type=node_type, edges=edges)
+    nq, ns, nc = query.shape[0], bank.features.shape[0], links.concepts.shape[0]
+    return Hypergraph(
+        x=torch.cat([query, bank.features, links.concepts]),
+        node_type=node_types(nq, ns, nc, query.device),
+        edges=edges,
+    )
+
+
+def node_types(nq: int, ns: int, nc: int, device: torch.device) -> Tensor:
+    """Return the ``[nq + ns + nc]`` node types of one component."""
+    counts = torch.tensor([nq, ns, nc], device=device)
+    return torch.repeat_interleave(torch.tensor([QUERY, SUPPORT, CONCEPT], device=device), counts)
+
+
+def batch_hyperedges(parts: Sequence[Hyperedges], node_counts: Sequence[int]) -> Hyperedges:
+    """Join the hyperedges of disjoint components, renumbering nodes and hyperedges.
+
+    Args:
+        parts: the hyperedges of each component, node ids from 0 within it.
+        node_counts: the number of nodes of each component.
+    """
+    device = parts[0].index.device if parts else None
+    node_offsets = torch.tensor([0, *node_counts[:-1]], device=device).cumsum(0)
+    edge_offsets = torch.tensor([0, *[part.num_edges for part in parts[:-1]]], device=device)
+    edge_offsets = edge_offsets.cumsum(0)
+    sizes = torch.tensor([part.index.shape[1] for part in parts], device=device)
+    offsets = torch.stack([node_offsets, edge_offsets]).repeat_interleave(sizes, dim=1)
+    return Hyperedges(
+        index=torch.cat([part.index for part in parts], dim=1) + offsets,
+        weight=torch.cat([part.weight for part in parts]),
+        member_weight=torch.cat([part.member_weight for part in parts]),
+        member_cosine=torch.cat([part.member_cosine for part in parts]),
+        kind=torch.cat([part.kind for part in parts]),
+        num_edges=sum(part.num_edges for part in parts),
+    )
 
 
 def batch_hypergraphs(graphs: Sequence[Hypergraph]) -> Hypergraph:
     """Join graphs into one graph of disjoint components (nodes and hyperedges renumbered)."""
-    node_offset = 0
-    edge_offset = 0
-    indices = []
-    for graph in graphs:
-        offsets = torch.tensor([[node_offset], [edge_offset]], device=graph.edges.index.device)
-        indices.append(graph.edges.index + offsets)
-        node_offset += graph.x.shape[0]
-        edge_offset += graph.edges.num_edges
-    edges = Hyperedges(
-        index=torch.cat(indices, dim=1),
-        weight=torch.cat([graph.edges.weight for graph in graphs]),
-        member_weight=torch.cat([graph.edges.member_weight for graph in graphs]),
-        member_cosine=torch.cat([graph.edges.member_cosine for graph in graphs]),
-        kind=torch.cat([graph.edges.kind for graph in graphs]),
-        num_edges=edge_offset,
-    )
+    edges = batch_hyperedges([graph.edges for graph in graphs], [g.x.shape[0] for g in graphs])
     return Hypergraph(
         x=torch.cat([graph.x for graph in graphs]),
         node_type=torch.cat([graph.node_type for graph in graphs]),

@@ -20,9 +20,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn import HypergraphConv
 
-from h2vlr.hypergraph import Hypergraph, SupportBank, batch_hypergraphs, build_hypergraph
+from h2vlr.hypergraph import (
+    CONCEPT,
+    QUERY,
+    SUPPORT,
+    ConceptLinks,
+    Hyperedges,
+    Hypergraph,
+    SupportBank,
+    batch_hyperedges,
+    build_hyperedges,
+    link_concepts,
+)
 
 NUM_NODE_TYPES = 3  # query patch, support patch, concept
+# Memberships per HypergraphConv call, so that the convolution's [nnz, H] float buffers
+# stay within a few MiB. In a CPU measurement at H = 128, one call over 32 components of
+# about 10,000 memberships each ran two to three times slower than one call per component.
+CHUNK_MEMBERSHIPS = 16_384
 
 
 class HypergraphReasoner(nn.Module):
@@ -60,12 +75,19 @@ class HypergraphReasoner(nn.Module):
             out[rows] = projection(x[rows])
         return out + self.type_embedding(node_type)
 
+    def project_as(self, x: Tensor, kind: int) -> Tensor:
+        """Map ``[..., D]`` nodes that all have type ``kind`` to ``[..., H]``; equal to
+        ``project`` on those rows."""
+        return self.projections[kind](x) + self.type_embedding.weight[kind]
+
     def forward(self, graph: Hypergraph) -> Tensor:
         """Refine the nodes of ``graph``; returns ``[V, H]``."""
-        edges = graph.edges
-        h = self.project(graph.x, graph.node_type)
+        return self.convolve(self.project(graph.x, graph.node_type), graph.edges)
+
+    def convolve(self, h: Tensor, edges: Hyperedges) -> Tensor:
+        """Run the convolution layers on projected ``[V, H]`` nodes; returns ``[V, H]``."""
         for conv, norm in zip(self.convs, self.norms, strict=True):
-            attr = _hyperedge_features(h, graph) if self.attention else None
+            attr = _hyperedge_features(h, edges) if self.attention else None
             # NOTE: HypergraphConv (torch_geometric 2.8) uses hyperedge_weight only in the
             # node degree D, so without attention the weights do not rescale messages.
             update = conv(
@@ -79,11 +101,11 @@ class HypergraphReasoner(nn.Module):
         return h
 
 
-def _hyperedge_features(h: Tensor, graph: Hypergraph) -> Tensor:
+def _hyperedge_features(h: Tensor, edges: Hyperedges) -> Tensor:
     """Member-weighted mean of the node features of each hyperedge: ``[E, H]``."""
-    node, edge = graph.edges.index
-    weighted = h[node] * graph.edges.member_weight.unsqueeze(1)
-    out = h.new_zeros(graph.edges.num_edges, h.shape[1])
+    node, edge = edges.index
+    weighted = h[node] * edges.member_weight.unsqueeze(1)
+    out = h.new_zeros(edges.num_edges, h.shape[1])
     return out.index_add(0, edge, weighted)
 
 
@@ -126,6 +148,56 @@ class GraphSettings:
     temperature: float  # member-weight softmax temperature
 
 
+def component_chunks(parts: Sequence[Hyperedges], budget: int) -> list[slice]:
+    """Group consecutive components into runs of at most ``budget`` memberships; a
+    component larger than the budget gets a run of its own."""
+    chunks: list[slice] = []
+    start, total = 0, 0
+    for index, part in enumerate(parts):
+        size = part.index.shape[1]
+        if index > start and total + size > budget:
+            chunks.append(slice(start, index))
+            start, total = index, 0
+        total += size
+    if parts:
+        chunks.append(slice(start, len(parts)))
+    return chunks
+
+
+@dataclass(frozen=True)
+class SupportContext:
+    """Query-independent part of every query image's graphs: the concepts' links to each
+    support bank and the projected support and concept nodes. It stays valid while the
+    reasoner's parameters, the banks and the concepts are unchanged."""
+
+    links: list[ConceptLinks]  # one per feature layer
+    support: Tensor  # [L, Ns, H] projected support nodes
+    concepts: Tensor  # [C, H] projected concept nodes
+
+
+def support_context(
+    reasoner: HypergraphReasoner,
+    banks: Sequence[SupportBank],
+    concepts: Tensor,
+    settings: GraphSettings,
+) -> SupportContext:
+    """Compute the query-independent part of the graphs once.
+
+    Args:
+        reasoner: the reasoner whose projections are applied.
+        banks: one support bank per feature layer, each with the same ``Ns``.
+        concepts: ``[C, D]`` concept embeddings, shared by every layer.
+        settings: hyperedge settings.
+    """
+    links = [link_concepts(concepts, bank, settings.semantic_members) for bank in banks]
+    support = torch.stack([bank.features for bank in banks])  # [L, Ns, D]
+    return SupportContext(
+        links=links,
+        support=reasoner.project_as(support, SUPPORT),
+        concepts=reasoner.project_as(links[0].concepts, CONCEPT),
+    )
+
+
 def refine(
     reasoner: HypergraphReasoner | None,
     query_tokens: Tensor,
@@ -133,11 +205,13 @@ def refine(
     concepts: Tensor,
     grid_size: tuple[int, int],
     settings: GraphSettings,
+    context: SupportContext | None = None,
 ) -> RefinedNodes:
-    """Build one hypergraph per (image, layer), refine all of them together, split back.
+    """Build one hypergraph per (image, layer), refine them, split the nodes back.
 
     Components are disjoint, so an image's scores do not depend on the other images of
-    the batch. Without a reasoner the unit raw features are returned (no graph is built).
+    the batch. Consecutive components share a convolution call up to
+    ``CHUNK_MEMBERSHIPS`` memberships. Without a reasoner the unit raw features are returned (no graph is built).
 
     Args:
         reasoner: the trained reasoner, or None for the ``no-hsr`` variant.
@@ -146,34 +220,51 @@ def refine(
         concepts: ``[C, D]`` concept embeddings, shared by every layer.
         grid_size: ``(gh, gw)`` with ``gh * gw == N``.
         settings: hyperedge settings.
+        context: ``support_context`` of the same reasoner, banks, concepts and settings,
+            to reuse across calls; computed here when None.
     """
     count, layers, patches, _ = query_tokens.shape
     if reasoner is None:
         return _raw_nodes(query_tokens, banks, concepts)
+    if context is None:
+        context = support_context(reasoner, banks, concepts, settings)
 
-    graphs = []
-    for image in range(count):
-        for layer in range(layers):
-            graphs.append(
-                build_hypergraph(
-                    query_tokens[image, layer],
-                    banks[layer],
-                    concepts,
-                    grid_size,
-                    k_neighbors=settings.k_neighbors,
-                    spatial_size=settings.spatial_size,
-                    semantic_members=settings.semantic_members,
-                    semantic_edges=settings.semantic_edges,
-                    pairwise=settings.pairwise,
-                    temperature=settings.temperature,
-                )
+    query = F.normalize(query_tokens.float(), dim=-1)  # [B, L, N, D]
+    parts = [
+        build_hyperedges(
+            query[image, layer],
+            banks[layer],
+            context.links[layer] if settings.semantic_edges else None,
+            grid_size,
+            k_neighbors=settings.k_neighbors,
+            spatial_size=settings.spatial_size,
+            pairwise=settings.pairwise,
+            temperature=settings.temperature,
+        )
+        for image in range(count)
+        for layer in range(layers)
+    ]
+    sizes = (patches, context.support.shape[1], context.concepts.shape[0])
+    projected = torch.cat(
+        [
+            reasoner.project_as(query, QUERY),
+            context.support.expand(count, -1, -1, -1),
+            context.concepts.expand(count, layers, -1, -1),
+        ],
+        dim=2,
+    ).flatten(0, 1)  # [B * L, N + Ns + C, H], one row per component
+    hidden = torch.cat(
+        [
+            reasoner.convolve(
+                projected[chunk].flatten(0, 1),
+                batch_hyperedges(parts[chunk], [sum(sizes)] * len(parts[chunk])),
             )
-    graph = batch_hypergraphs(graphs)
-    hidden = reasoner(graph)
-    sizes = (patches, banks[0].features.shape[0], concepts.shape[0])
-    query, support, concept_nodes = split_components(hidden, sizes, count * layers)
+            for chunk in component_chunks(parts, CHUNK_MEMBERSHIPS)
+        ]
+    )
+    query_nodes, support, concept_nodes = split_components(hidden, sizes, count * layers)
     return RefinedNodes(
-        query=query.reshape(count, layers, *query.shape[1:]),
+        query=query_nodes.reshape(count, layers, *query_nodes.shape[1:]),
         support=support.reshape(count, layers, *support.shape[1:]),
         concepts=concept_nodes.reshape(count, layers, *concept_nodes.shape[1:]),
     )

@@ -11,12 +11,16 @@ from h2vlr.hypergraph import (
     SUPPORT,
     VISUAL,
     batch_hypergraphs,
+    build_hyperedges,
     build_hypergraph,
+    grid_neighbour_table,
     grid_positions,
+    link_concepts,
     make_support_bank,
     pairwise_expansion,
     semantic_hyperedges,
     spatial_hyperedges,
+    table_hyperedges,
     visual_affinity_hyperedges,
 )
 
@@ -180,3 +184,43 @@ def test_batch_hypergraphs_renumbers_components():
     assert batched.edges.num_edges == 2 * count
     second = batched.edges.index[:, batched.edges.index[1] >= count]
     assert_close(second - torch.tensor([[3], [count]]), graph.edges.index)
+
+
+def test_grid_neighbour_table_matches_spatial_hyperedges():
+    torch.manual_seed(0)
+    grid = (4, 5)
+    features = torch.nn.functional.normalize(torch.randn(20, 3), dim=-1)
+    groups = torch.zeros(20, dtype=torch.long)
+    local, valid = grid_neighbour_table(grid, 3, torch.device("cpu"))
+    # Corner patch 0 has 3 neighbours, inner patch 6 (row 1, column 1) has 8.
+    assert local[0, valid[0]].tolist() == [0, 1, 5, 6]
+    assert local[6, valid[6]].tolist() == [6, 0, 1, 2, 5, 7, 10, 11, 12]
+    from_table = table_hyperedges(features, local, valid, node_offset=4)
+    direct = spatial_hyperedges(features, grid_positions(grid), groups, size=3, node_offset=4)
+    assert torch.equal(from_table.index, direct.index)
+    assert_close(from_table.weight, direct.weight)
+    assert_close(from_table.member_weight, direct.member_weight)
+
+
+def test_build_hyperedges_with_shared_links_matches_build_hypergraph():
+    torch.manual_seed(1)
+    grid = (3, 3)
+    bank = make_support_bank(
+        torch.randn(18, 4),
+        torch.cat([grid_positions(grid)] * 2),
+        torch.tensor([0] * 9 + [1] * 9),
+        spatial_size=3,
+    )
+    concepts = torch.randn(2, 4)
+    links = link_concepts(concepts, bank, members=3)
+    assert_close(links.concepts.norm(dim=-1), torch.ones(2))
+    for query in (torch.randn(9, 4), torch.randn(9, 4)):
+        graph = build_hypergraph(
+            query, bank, concepts, grid, k_neighbors=2, spatial_size=3, semantic_members=3
+        )
+        unit = torch.nn.functional.normalize(query, dim=-1)
+        edges = build_hyperedges(unit, bank, links, grid, k_neighbors=2, spatial_size=3)
+        assert torch.equal(edges.index, graph.edges.index)
+        assert torch.equal(edges.kind, graph.edges.kind)
+        assert_close(edges.weight, graph.edges.weight)
+        assert_close(edges.member_weight, graph.edges.member_weight)

@@ -31,7 +31,7 @@ from h2vlr.hypergraph import SupportBank, grid_positions, make_support_bank
 from h2vlr.methods.base import AnomalyMethod, FitContext, QueryBatch, ScoreOutput
 from h2vlr.methods.registry import parse_variant, register_method
 from h2vlr.prompts import PromptLearner, support_statistics
-from h2vlr.reasoning import HypergraphReasoner, refine
+from h2vlr.reasoning import HypergraphReasoner, refine, support_context
 from h2vlr.scoring import anomaly_maps_and_scores, global_probability, patch_scores
 
 if TYPE_CHECKING:
@@ -257,6 +257,10 @@ class H2VLRMethod(AnomalyMethod):
         settings = graph_settings(config)
         maps, scores = [], []
         with torch.no_grad():
+            # The support and concept side of the graphs is the same for every query.
+            context = None
+            if state.reasoner is not None:
+                context = support_context(state.reasoner, state.banks, state.concepts, settings)
             for start in range(0, len(features.global_embeds), config.score_batch_size):
                 stop = start + config.score_batch_size
                 tokens = features.patch_tokens[start:stop].to(state.device)
@@ -267,6 +271,7 @@ class H2VLRMethod(AnomalyMethod):
                     state.concepts,
                     features.grid_size,
                     settings,
+                    context,
                 )
                 fused = patch_scores(refined, state.num_normal, config.alpha, config.concept_scale)
                 global_p = global_probability(
