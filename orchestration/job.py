@@ -19,11 +19,12 @@ import platform
 import socket
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,8 +32,13 @@ import torch
 from orchestration.planning import SHOT_FULL, JobSpec
 from results.schema import METRIC_NAMES, STATUS_FAILED, STATUS_OK
 
+if TYPE_CHECKING:
+    from h2vlr.data import Sample
+    from h2vlr.metrics import MetricResult
+
 logger = logging.getLogger(__name__)
 
+PIXEL_METRIC_NAMES = tuple(name for name in METRIC_NAMES if name.startswith("pixel_"))
 SCORE_BATCH_SIZE = 32  # test images scored per method.score call
 TRACEBACK_LINES = 12  # lines of a failed job's traceback kept in the jobs table
 # Test hook: a job exits its worker process once when <dir>/<job_id>.exit exists (the
@@ -63,7 +69,7 @@ def get_backbone(backbone: str, pretrained: str, image_size: int, device: str):
 
 def run_job(spec: JobSpec, cache_dir: str | None) -> JobResult:
     """Run one job; every exception becomes a ``failed`` result instead of propagating."""
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     try:
         return _run(spec, cache_dir, started)
     except Exception as exc:  # the job's failure is data, recorded in its row
@@ -90,7 +96,9 @@ def _run(spec: JobSpec, cache_dir: str | None, started: datetime) -> JobResult:
     score_start = time.perf_counter()
     scores, maps, map_reason = _score(method, extractor, [s.path for s in data.test])
     score_seconds = time.perf_counter() - score_start
-    metrics = _evaluate(backbone, data, scores, maps, map_reason)
+    metrics, pixel_images_excluded = evaluate_job(
+        spec.job_id, backbone, data, scores, maps, map_reason
+    )
 
     row = spec_columns(spec)
     row.update(
@@ -100,6 +108,7 @@ def _run(spec: JobSpec, cache_dir: str | None, started: datetime) -> JobResult:
         traceback="",
         n_test=len(data.test),
         n_test_anomalous=len(data.test_anomalous),
+        pixel_images_excluded=pixel_images_excluded,
         support_files=[sample.rel_path for sample in support],
         fit_stats=json.dumps({k: float(v) for k, v in (fit_stats or {}).items()}, sort_keys=True),
         images_encoded=extractor.stats.encoded + extractor.stats.extra_computed,
@@ -109,12 +118,12 @@ def _run(spec: JobSpec, cache_dir: str | None, started: datetime) -> JobResult:
         images_per_second=len(data.test) / score_seconds if score_seconds > 0 else float("nan"),
         device=str(backbone.device),
         started_at=started,
-        finished_at=datetime.now(timezone.utc),
+        finished_at=datetime.now(UTC),
     )
     for name in METRIC_NAMES:
         row[name] = float(metrics.values[name])
         row[f"{name}_reason"] = metrics.reasons.get(name, "")
-    return JobResult(row, _score_rows(spec, data.test, scores))
+    return JobResult(row, _score_rows(spec, len(support), data.test, scores))
 
 
 def _fit(spec: JobSpec, backbone, extractor, data, support_paths: list[Path]):
@@ -186,22 +195,92 @@ def _score(method, extractor, paths: list[Path]) -> tuple[np.ndarray, np.ndarray
     return np.concatenate(scores), all_maps, map_reason
 
 
-def _evaluate(backbone, data, scores: np.ndarray, maps: np.ndarray | None, map_reason: str):
+@dataclass(frozen=True)
+class PixelTruth:
+    """Ground truth of the pixel metrics: which test images enter them, and their masks."""
+
+    keep: np.ndarray  # [B] bool, test images that enter the pixel metrics
+    masks: np.ndarray | None  # [K, S, S] bool masks of the kept images; None without masks
+    n_excluded: int  # anomalous test images left out because their mask is missing
+
+
+def pixel_truth(
+    test: Sequence[Sample],
+    has_masks: bool,
+    image_size: int,
+    preprocess_mask: Callable[[np.ndarray], np.ndarray],
+) -> PixelTruth:
+    """Build the masks of the pixel metrics, leaving out anomalous images without a mask.
+
+    An empty mask for an anomalous image would count its defect pixels as normal, so
+    such an image enters the image metrics only.
+
+    Args:
+        test: the ``B`` test samples.
+        has_masks: the dataset provides pixel masks; otherwise every image is kept
+            and ``masks`` is None.
+        image_size: evaluation resolution ``S``.
+        preprocess_mask: maps a bool ``[H, W]`` mask to a bool ``[S, S]`` one.
+
+    Returns:
+        A :class:`PixelTruth`; normal images get an all-false mask.
+    """
     from h2vlr.data import load_mask
-    from h2vlr.metrics import evaluate
 
-    labels = np.array([sample.label for sample in data.test], dtype=np.int64)
-    masks = None
-    if data.has_masks:
-        size = backbone.image_size
-        masks = np.zeros((len(data.test), size, size), dtype=bool)  # [B, S, S]
-        for index, sample in enumerate(data.test):
-            if sample.mask_path is not None:
-                masks[index] = backbone.preprocess_mask(load_mask(sample.mask_path))
-    return evaluate(labels, scores, masks=masks, maps=maps, map_reason=map_reason)
+    if not has_masks:
+        return PixelTruth(np.ones(len(test), dtype=bool), None, 0)
+    keep = np.array([s.label == 0 or s.mask_path is not None for s in test], dtype=bool)
+    kept_samples = [sample for sample, flag in zip(test, keep, strict=True) if flag]
+    masks = np.zeros((len(kept_samples), image_size, image_size), dtype=bool)  # [K, S, S]
+    for index, sample in enumerate(kept_samples):
+        if sample.mask_path is not None:
+            masks[index] = preprocess_mask(load_mask(sample.mask_path))
+    return PixelTruth(keep, masks, int((~keep).sum()))
 
 
-def _score_rows(spec: JobSpec, test, scores: np.ndarray) -> list[dict[str, Any]]:
+def evaluate_job(
+    job_id: str, backbone, data, scores: np.ndarray, maps: np.ndarray | None, map_reason: str = ""
+) -> tuple[MetricResult, int]:
+    """Compute a job's metrics on its test split.
+
+    Args:
+        job_id: named in the warning about images without a mask.
+        backbone: gives the resolution ``S`` and the mask preprocessing.
+        data: the category; its ``test`` samples are the ``B`` scored images.
+        scores: ``[B]`` image scores.
+        maps: ``[B, S, S]`` anomaly maps, or None when the method makes none.
+        map_reason: why ``maps`` is None.
+
+    Returns:
+        The ``MetricResult`` and the number of anomalous test images left out of the
+        pixel metrics for want of a mask.
+    """
+    from h2vlr.metrics import MetricResult, evaluate
+
+    labels = np.array([sample.label for sample in data.test], dtype=np.int64)  # [B]
+    truth = pixel_truth(data.test, data.has_masks, backbone.image_size, backbone.preprocess_mask)
+    if truth.n_excluded == 0:
+        return evaluate(labels, scores, masks=truth.masks, maps=maps, map_reason=map_reason), 0
+    logger.warning(
+        "job %s: %d anomalous test images have no mask; they count in the image metrics "
+        "but are left out of the pixel metrics",
+        job_id,
+        truth.n_excluded,
+    )
+    images = evaluate(labels, scores)
+    kept_maps = maps[truth.keep] if maps is not None else None  # [K, S, S]
+    pixels = evaluate(
+        labels[truth.keep], scores[truth.keep], truth.masks, kept_maps, map_reason=map_reason
+    )
+    source = {name: pixels if name in PIXEL_METRIC_NAMES else images for name in METRIC_NAMES}
+    merged = MetricResult(
+        values={name: source[name].values[name] for name in METRIC_NAMES},
+        reasons={name: source[name].reasons.get(name, "") for name in METRIC_NAMES},
+    )
+    return merged, truth.n_excluded
+
+
+def _score_rows(spec: JobSpec, n_support: int, test, scores: np.ndarray) -> list[dict[str, Any]]:
     return [
         {
             "job_id": spec.job_id,
@@ -211,6 +290,11 @@ def _score_rows(spec: JobSpec, test, scores: np.ndarray) -> list[dict[str, Any]]
             "seed": spec.seed,
             "method": spec.method,
             "variant": spec.variant,
+            "backbone": spec.backbone,
+            "pretrained": spec.weights,
+            "random_weights": spec.weights == "none",
+            "image_size": spec.image_size,
+            "n_support": n_support,
             "rel_path": sample.rel_path,
             "label": int(sample.label),
             "defect_type": sample.defect_type,
@@ -258,6 +342,7 @@ def failed_result(
         traceback="\n".join(tb.rstrip().splitlines()[-TRACEBACK_LINES:]),
         n_test=0,
         n_test_anomalous=0,
+        pixel_images_excluded=0,
         support_files=[],
         fit_stats="{}",
         images_encoded=0,
@@ -267,7 +352,7 @@ def failed_result(
         images_per_second=float("nan"),
         device=spec.device,
         started_at=started,
-        finished_at=datetime.now(timezone.utc),
+        finished_at=datetime.now(UTC),
     )
     for name in METRIC_NAMES:
         row[name] = float("nan")

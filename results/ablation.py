@@ -5,9 +5,11 @@ from __future__ import annotations
 import pandas as pd
 
 from results.leaderboard import shot_sort_key
-from results.schema import ABLATION, METRIC_NAMES
+from results.schema import ABLATION, BACKBONE_NAMES, METRIC_NAMES
 
 REFERENCE_VARIANT = "full"
+# A variant is compared to the "full" run of the same dataset, shot and backbone.
+MATCH_KEYS: tuple[str, ...] = ("dataset", "shot", *BACKBONE_NAMES)
 
 
 def build_ablation(leaderboard: pd.DataFrame, method: str = "h2vlr") -> pd.DataFrame:
@@ -19,19 +21,21 @@ def build_ablation(leaderboard: pd.DataFrame, method: str = "h2vlr") -> pd.DataF
 
     Returns:
         A frame with the columns of the ``ablation`` schema. ``<metric>_delta`` is
-        the variant's mean minus the mean of ``full`` at the same dataset and shot
-        (0 for ``full`` itself, NaN when ``full`` is not in the leaderboard).
+        the variant's mean minus the mean of ``full`` at the same dataset, shot,
+        backbone, weights and image size (0 for ``full`` itself, NaN when that
+        ``full`` run is not in the leaderboard).
     """
     rows = leaderboard[leaderboard["method"] == method]
-    reference = rows[rows["variant"] == REFERENCE_VARIANT].set_index(["dataset", "shot"])
+    reference = rows[rows["variant"] == REFERENCE_VARIANT].set_index(list(MATCH_KEYS))
     records = []
     for _, row in rows.iterrows():
-        record = {name: row[name] for name in ("dataset", "method", "variant", "shot")}
+        names = ("dataset", "method", "variant", "shot", *BACKBONE_NAMES)
+        record = {name: row[name] for name in names}
         for metric in METRIC_NAMES:
             mean = float(row[f"{metric}_mean"])
             record[f"{metric}_mean"] = mean
             record[f"{metric}_std"] = float(row[f"{metric}_std"])
-            key = (row["dataset"], row["shot"])
+            key = tuple(row[name] for name in MATCH_KEYS)
             base = (
                 float(reference.at[key, f"{metric}_mean"])
                 if key in reference.index

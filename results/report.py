@@ -17,6 +17,12 @@ from rich.table import Table  # noqa: E402
 from results.leaderboard import shot_sort_key  # noqa: E402
 
 SUMMARY_METRICS: tuple[str, ...] = ("image_auroc", "pixel_auroc", "pixel_aupro")
+RANDOM_WEIGHTS_NOTE = "random weights (--pretrained none): not benchmark results"
+
+
+def uses_random_weights(leaderboard: pd.DataFrame) -> bool:
+    """Return True when any row of ``leaderboard`` comes from a randomly initialised backbone."""
+    return bool(leaderboard["random_weights"].any()) if len(leaderboard) else False
 
 
 def format_mean_std(mean: float, std: float) -> str:
@@ -29,7 +35,12 @@ def format_mean_std(mean: float, std: float) -> str:
 
 
 def leaderboard_table(leaderboard: pd.DataFrame, title: str = "Leaderboard") -> Table:
-    """Build a Rich table of the leaderboard's main metrics, in percent."""
+    """Build a Rich table of the leaderboard's main metrics, in percent.
+
+    When any row used random weights, the title carries ``RANDOM_WEIGHTS_NOTE``.
+    """
+    if uses_random_weights(leaderboard):
+        title = f"{title} [bold red]({RANDOM_WEIGHTS_NOTE})[/]"
     table = Table(title=title)
     for name in ("dataset", "method", "shot"):
         table.add_column(name, no_wrap=True)
@@ -60,9 +71,19 @@ def print_summary(console: Console, leaderboard: pd.DataFrame, counts: dict[str,
 
 
 def plot_leaderboard(leaderboard: pd.DataFrame, path: Path, metric: str = "image_auroc") -> Path:
+    """Write the figure of :func:`leaderboard_figure` to ``path`` as a PNG."""
+    fig = leaderboard_figure(leaderboard, metric)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def leaderboard_figure(leaderboard: pd.DataFrame, metric: str = "image_auroc") -> plt.Figure:
     """Plot ``metric`` per method and shot as grouped bars with ±1 std error bars.
 
     One panel per dataset; one bar group per shot; one bar per method and variant.
+    When any row used random weights, ``RANDOM_WEIGHTS_NOTE`` in red is the figure title.
     """
     datasets = sorted(leaderboard["dataset"].unique())
     fig, axes = plt.subplots(
@@ -71,11 +92,10 @@ def plot_leaderboard(leaderboard: pd.DataFrame, path: Path, metric: str = "image
     for ax, dataset in zip(axes[0], datasets, strict=False):
         _plot_dataset(ax, leaderboard[leaderboard["dataset"] == dataset], metric)
         ax.set_title(dataset)
+    if uses_random_weights(leaderboard):
+        fig.suptitle(RANDOM_WEIGHTS_NOTE, color="red", fontweight="bold", wrap=True)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def _plot_dataset(ax: plt.Axes, rows: pd.DataFrame, metric: str) -> None:

@@ -183,6 +183,14 @@ def _metric_columns() -> list[Column]:
     return columns
 
 
+def _select(columns: Sequence[Column], names: Sequence[str]) -> tuple[Column, ...]:
+    by_name = {column.name: column for column in columns}
+    return tuple(by_name[name] for name in names)
+
+
+# Columns that identify the backbone behind a result, repeated in every table.
+BACKBONE_NAMES: tuple[str, ...] = ("backbone", "pretrained", "random_weights", "image_size")
+
 SPEC_COLUMNS: tuple[Column, ...] = (
     Column(
         "job_id", pa.string(), "identifier of the job: readable spec and a hash of its settings"
@@ -217,6 +225,11 @@ JOBS = TableSchema(
         *_metric_columns(),
         Column("n_test", pa.int64(), "number of test images scored"),
         Column("n_test_anomalous", pa.int64(), "number of anomalous test images"),
+        Column(
+            "pixel_images_excluded",
+            pa.int64(),
+            "anomalous test images without a mask, left out of the pixel metrics; 0 normally",
+        ),
         Column(
             "support_files",
             pa.list_(pa.string()),
@@ -283,6 +296,8 @@ SCORES = TableSchema(
         Column("seed", pa.int64(), "seed of the job"),
         Column("method", pa.string(), "method name"),
         Column("variant", pa.string(), "method variant"),
+        *_select(SPEC_COLUMNS, BACKBONE_NAMES),
+        Column("n_support", pa.int64(), "number of support images the job used"),
         Column("rel_path", pa.string(), "test image, path relative to the dataset root"),
         Column("label", pa.int64(), "ground truth: 0 normal, 1 anomalous"),
         Column("defect_type", pa.string(), '"good" for normal images, else the defect class'),
@@ -299,6 +314,9 @@ GROUP_COLUMNS: tuple[Column, ...] = (
     Column("shot", pa.string(), 'requested support size as given: "1", "4" or "full"'),
     Column("backbone", pa.string(), "open_clip model name of the frozen backbone"),
     Column("pretrained", pa.string(), 'backbone weights, "none" for random weights'),
+    Column(
+        "random_weights", pa.bool_(), 'true when pretrained is "none": scores are sanity figures'
+    ),
     Column("image_size", pa.int64(), "evaluation resolution S in pixels"),
 )
 
@@ -363,8 +381,8 @@ def _ablation_columns() -> list[Column]:
             Column(
                 f"{metric}_delta",
                 pa.float64(),
-                f'{metric}_mean minus that of variant "full" at the same dataset and shot; '
-                'NaN when "full" was not run',
+                f'{metric}_mean minus that of variant "full" at the same dataset, shot, '
+                'backbone, weights and image size; NaN when "full" was not run',
                 True,
             ),
         ]
@@ -379,6 +397,7 @@ ABLATION = TableSchema(
         Column("method", pa.string(), "method name (the ablated method)"),
         Column("variant", pa.string(), "ablation variant"),
         Column("shot", pa.string(), 'requested support size as given: "1", "4" or "full"'),
+        *_select(GROUP_COLUMNS, BACKBONE_NAMES),
         *_ablation_columns(),
         Column("n_jobs_ok", pa.int64(), "jobs of the variant and shot that finished"),
         Column("n_jobs_failed", pa.int64(), "jobs of the variant and shot that failed"),

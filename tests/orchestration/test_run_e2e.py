@@ -14,6 +14,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from orchestration.job import FAULT_DIR_ENV
 from orchestration.planning import build_options, validate
+from results.report import RANDOM_WEIGHTS_NOTE
 from results.schema import JOBS, METRIC_NAMES, TABLES
 
 pytestmark = pytest.mark.slow
@@ -51,6 +52,7 @@ def test_run_writes_every_table(baseline):
             assert str(frame[column.name].dtype) == _expected_dtype(column), (name, column.name)
     assert not (baseline.run_dir / "ablation.parquet").exists()
     assert (baseline.run_dir / "leaderboard.png").stat().st_size > 0
+    assert RANDOM_WEIGHTS_NOTE in " ".join(baseline.output.split())  # Rich may wrap it
 
 
 def test_run_jobs_table_rows(baseline):
@@ -70,6 +72,7 @@ def test_run_jobs_table_rows(baseline):
     assert (jobs["pretrained"] == "none").all()
     assert jobs["random_weights"].all()
     assert (jobs["image_size"] == 64).all()
+    assert (jobs["pixel_images_excluded"] == 0).all()  # every demo anomaly has a mask
     # The feature tasks filled the cache, so no job encoded a dataset image.
     assert (jobs["images_encoded"] == 0).all()
     assert (jobs["feature_cache_hits"] > 0).all()
@@ -86,6 +89,8 @@ def test_run_metrics_match_scores_table(baseline):
         assert jobs.at[job_id, "image_auroc"] == pytest.approx(roc_auc_score(labels, values))
         assert jobs.at[job_id, "image_ap"] == pytest.approx(average_precision_score(labels, values))
         assert jobs.at[job_id, "n_test_anomalous"] == labels.sum()
+        for name in ("backbone", "pretrained", "random_weights", "image_size", "n_support"):
+            assert (rows[name] == jobs.at[job_id, name]).all(), name
 
 
 def test_run_leaderboard_matches_jobs(baseline):
@@ -103,9 +108,11 @@ def test_run_leaderboard_matches_jobs(baseline):
             assert row[f"{metric}_n_categories"] == 1
         assert row["n_jobs_ok"] == 2
         assert row["n_jobs_failed"] == 0
+    assert leaderboard["random_weights"].all()
     by_category = baseline.table("leaderboard_by_category")
     assert len(by_category) == 4
     assert (by_category["category"] == "checkered_tile").all()
+    assert by_category["random_weights"].all()
 
 
 def test_run_json_records_counts(baseline):
@@ -188,6 +195,9 @@ def test_ablate_writes_ablation_table(local_ray, tmp_path):
     leaderboard = result.table("leaderboard").set_index("variant")
     assert ablation["variant"].tolist() == ["full", "no-hsr", "no-margin"]
     assert (ablation["method"] == "h2vlr").all()
+    assert (ablation["backbone"] == "tiny-test").all()
+    assert (ablation["pretrained"] == "none").all()
+    assert ablation["random_weights"].all()
     for _, row in ablation.iterrows():
         for metric in METRIC_NAMES:
             expected = (

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from results.schema import METRIC_NAMES
 
-STARTED = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+STARTED = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 
 def job_row(
@@ -18,11 +18,12 @@ def job_row(
     shot: str = "1",
     status: str = "ok",
     metrics: dict[str, float] | None = None,
+    pretrained: str = "none",
 ) -> dict:
     """Return one valid jobs row; metrics not given are NaN with a reason."""
     metrics = metrics or {}
     row = {
-        "job_id": f"demo_{category}_{shot}shot_seed{seed}_{method}_{variant}",
+        "job_id": f"demo_{category}_{shot}shot_seed{seed}_{method}_{variant}_{pretrained}",
         "dataset": "demo",
         "category": category,
         "shot": shot,
@@ -30,8 +31,8 @@ def job_row(
         "method": method,
         "variant": variant,
         "backbone": "tiny-test",
-        "pretrained": "none",
-        "random_weights": True,
+        "pretrained": pretrained,
+        "random_weights": pretrained == "none",
         "image_size": 64,
         "n_support": int(shot) if shot != "full" else 16,
         "status": status,
@@ -39,6 +40,7 @@ def job_row(
         "traceback": "",
         "n_test": 20,
         "n_test_anomalous": 10,
+        "pixel_images_excluded": 0,
         "support_files": [f"{category}/train/good/000.png"],
         "options": "{}",
         "fit_stats": "{}",

@@ -111,3 +111,46 @@ def test_ablation_without_full_gives_nan_delta():
     rows = [job_row(method="h2vlr", variant="no-hsr", metrics={"image_auroc": 0.7})]
     ablation = build_ablation(build_leaderboard(jobs_frame(rows)))
     assert math.isnan(ablation.iloc[0]["image_auroc_delta"])
+
+
+def test_random_weights_reach_every_summary():
+    rows = [
+        job_row(seed=0, variant=variant, method="h2vlr", pretrained=weights, metrics=metrics)
+        for weights, scale in (("none", 0.5), ("laion400m_e32", 1.0))
+        for variant, metrics in (
+            ("full", {"image_auroc": 0.8 * scale}),
+            ("no-hsr", {"image_auroc": 0.6 * scale}),
+        )
+    ]
+    by_category = build_leaderboard_by_category(jobs_frame(rows))
+    pairs = zip(by_category["pretrained"], by_category["random_weights"], strict=True)
+    assert sorted(pairs) == [
+        ("laion400m_e32", False),
+        ("laion400m_e32", False),
+        ("none", True),
+        ("none", True),
+    ]
+
+    # With two leaderboards that differ by weights only, each variant is compared to
+    # the "full" run of its own weights.
+    for weights, scale in (("none", 0.5), ("laion400m_e32", 1.0)):
+        board = build_leaderboard(jobs_frame([r for r in rows if r["pretrained"] == weights]))
+        assert board["random_weights"].tolist() == [weights == "none"] * 2
+        ablation = build_ablation(board)
+        assert list(ablation.columns) == ABLATION.names
+        assert ablation["backbone"].tolist() == ["tiny-test"] * 2
+        assert ablation["pretrained"].tolist() == [weights] * 2
+        assert ablation["random_weights"].tolist() == [weights == "none"] * 2
+        assert ablation["image_auroc_delta"].tolist() == pytest.approx([0.0, -0.2 * scale])
+
+
+def test_ablation_compares_within_the_same_weights():
+    rows = [
+        job_row(variant="full", method="h2vlr", pretrained="none", metrics={"image_auroc": 0.5}),
+        job_row(variant="no-hsr", method="h2vlr", pretrained="laion", metrics={"image_auroc": 0.9}),
+    ]
+    board = build_leaderboard(jobs_frame(rows))
+    ablation = build_ablation(board).set_index("variant")
+    assert ablation.at["full", "image_auroc_delta"] == 0.0
+    # No "full" run with the same weights: the delta is undefined, not 0.9 - 0.5.
+    assert math.isnan(ablation.at["no-hsr", "image_auroc_delta"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pandas as pd
 import pytest
@@ -21,6 +21,11 @@ def score_row(**changes) -> dict:
         "seed": 0,
         "method": "patch-knn",
         "variant": "full",
+        "backbone": "ViT-B-16-plus-240",
+        "pretrained": "laion400m_e32",
+        "random_weights": False,
+        "image_size": 240,
+        "n_support": 4,
         "rel_path": "tile/test/good/000.png",
         "label": 0,
         "defect_type": "good",
@@ -107,6 +112,27 @@ def test_timestamp_must_be_timezone_aware():
     from results.schema import TIMESTAMP, Column, TableSchema
 
     schema = TableSchema("t", (Column("at", TIMESTAMP, "time"),), key=("at",))
-    schema.table_from_rows([{"at": datetime(2026, 1, 1, tzinfo=timezone.utc)}])
+    schema.table_from_rows([{"at": datetime(2026, 1, 1, tzinfo=UTC)}])
     with pytest.raises(SchemaError, match="column 'at'"):
         schema.table_from_rows([{"at": datetime(2026, 1, 1)}])
+
+
+def test_every_table_flags_random_weights():
+    for schema in TABLES.values():
+        for name in ("backbone", "pretrained", "random_weights", "image_size"):
+            assert schema.column(name).dtype.equals(JOBS.column(name).dtype), (schema.name, name)
+
+
+def test_scores_carry_the_job_spec():
+    for name in ("backbone", "pretrained", "random_weights", "image_size", "n_support"):
+        assert SCORES.column(name).dtype.equals(JOBS.column(name).dtype), name
+    assert JOBS.column("pixel_images_excluded").dtype.equals(JOBS.column("n_test").dtype)
+
+
+def test_docs_list_the_jobs_and_scores_columns():
+    from pathlib import Path
+
+    from results.schema import describe
+
+    docs = Path(__file__).resolve().parents[2] / "docs" / "results.md"
+    assert describe([JOBS, SCORES]) in docs.read_text()

@@ -7,12 +7,12 @@ import pytest
 from results_rows import job_row
 
 from results.report import format_mean_std, plot_leaderboard
-from results.schema import JOBS, SchemaError
+from results.schema import JOBS, SCORES, SchemaError
 from results.storage import RunStore, write_final_tables
 
 
 def score_rows(row: dict) -> list[dict]:
-    keys = ("job_id", "dataset", "category", "shot", "seed", "method", "variant")
+    keys = [name for name in SCORES.names if name in JOBS.names]
     base = {key: row[key] for key in keys}
     return [
         {
