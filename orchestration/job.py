@@ -41,9 +41,12 @@ logger = logging.getLogger(__name__)
 PIXEL_METRIC_NAMES = tuple(name for name in METRIC_NAMES if name.startswith("pixel_"))
 SCORE_BATCH_SIZE = 32  # test images scored per method.score call
 TRACEBACK_LINES = 12  # lines of a failed job's traceback kept in the jobs table
-# Test hook: a job exits its worker process once when <dir>/<job_id>.exit exists (the
-# file is removed first), to exercise Ray's retry of dead workers.
+# Test hooks, both off unless this variable names a directory: a job exits its worker
+# process once when <dir>/<job_id>.exit exists (the file is removed first), to exercise
+# Ray's retry of dead workers; and while <dir>/hold exists, only the first job to start
+# runs and every other job waits, so a test can kill the driver with exactly one job done.
 FAULT_DIR_ENV = "H2VLR_FAULT_DIR"
+HOLD_TIMEOUT_SECONDS = 600.0
 
 _BACKBONES: dict[tuple[str, str, int, str], Any] = {}  # one backbone per worker process
 
@@ -81,6 +84,7 @@ def _run(spec: JobSpec, cache_dir: str | None, started: datetime) -> JobResult:
     from h2vlr.data import get_dataset, load_support_lists, sample_support
     from h2vlr.features import FeatureCache, FeatureExtractor
 
+    _wait_if_held(spec.job_id)
     backbone = get_backbone(spec.backbone, spec.pretrained, spec.image_size, spec.device)
     data = get_dataset(spec.dataset).load_category(Path(spec.data_root), spec.category)
     lists = load_support_lists(Path(spec.support_lists)) if spec.support_lists else None
@@ -153,6 +157,24 @@ def _seed_everything(seed: int) -> None:
     # seeded too so that a library call that draws from them is reproducible as well.
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
+
+
+def _wait_if_held(job_id: str) -> None:
+    fault_dir = os.environ.get(FAULT_DIR_ENV)
+    if not fault_dir:
+        return
+    hold = Path(fault_dir) / "hold"
+    if not hold.exists():
+        return
+    try:
+        os.close(os.open(Path(fault_dir) / "hold.claimed", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return  # this job claimed the single pass
+    except FileExistsError:
+        pass
+    logger.warning("test hook: job %s waits while %s exists", job_id, hold)
+    deadline = time.monotonic() + HOLD_TIMEOUT_SECONDS
+    while hold.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _exit_if_armed(job_id: str) -> None:

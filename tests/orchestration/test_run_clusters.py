@@ -20,6 +20,7 @@ from ray.cluster_utils import Cluster
 from run_helpers import BASE_ARGS, comparable, invoke_cli
 
 from orchestration.execution import task_resources
+from orchestration.job import FAULT_DIR_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +68,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def ray_head():
+def fault_dir(tmp_path_factory) -> Path:
+    """Directory of the job test hooks, seen by every worker of the separately started head."""
+    return tmp_path_factory.mktemp("faults")
+
+
+@pytest.fixture
+def ray_head(fault_dir):
     """A head started with `ray start` in its own process group, killed as a group afterwards.
 
     Its own short temporary directory keeps socket paths short and leaves the machine's
@@ -87,8 +94,15 @@ def ray_head():
         "--disable-usage-stats",
         f"--temp-dir={temp_dir}",
     ]
+    # Workers inherit the raylet's environment, which comes from this `ray start`.
+    env = {**os.environ, FAULT_DIR_ENV: str(fault_dir)}
     head = subprocess.Popen(
-        command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     )
     try:
         output, _ = head.communicate(timeout=120)
@@ -109,19 +123,22 @@ def _job_files(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "jobs").glob("*.job.parquet"))
 
 
-def test_driver_killed_and_resumed(baseline, ray_head, tmp_path):
+def test_driver_killed_and_resumed(baseline, ray_head, fault_dir, tmp_path):
     args = [*SMALL_ARGS, "--address", ray_head, "--cpus-per-job", "2"]  # one job at a time
     command = [sys.executable, "-m", "orchestration.cli", "run", *args]
     command += ["--out", str(tmp_path), "--run-name", "killed"]
     run_dir = tmp_path / "killed"
+    hold = fault_dir / "hold"
+    hold.touch()  # the first job runs, the others wait until the driver is gone
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while not _job_files(run_dir) and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
+    hold.unlink()
     done_before = {path.name for path in _job_files(run_dir)}
-    assert 0 < len(done_before) < 4, "the driver must be killed after some jobs and before all"
+    assert len(done_before) == 1, "the driver must be killed after exactly one job"
     assert not (run_dir / "jobs.parquet").exists()
 
     result = invoke_cli("run", ["--resume", *args], tmp_path, "killed")
