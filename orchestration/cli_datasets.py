@@ -83,7 +83,8 @@ def _print_report(report: DatasetReport) -> None:
     console.print(table)
 
     if report.problems:
-        problems = Table(title=f"{len(report.problems)} problems")
+        count = len(report.problems)
+        problems = Table(title=f"{count} problem{'' if count == 1 else 's'}")
         problems.add_column("Severity")
         problems.add_column("File")
         problems.add_column("Problem")

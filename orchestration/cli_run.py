@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from orchestration.logging_setup import LOG_LEVELS, configure_logging
 from orchestration.planning import (
@@ -24,6 +25,8 @@ from orchestration.planning import (
 )
 
 logger = logging.getLogger(__name__)
+
+EXIT_INTERRUPTED = 130  # the shell's status for a process ended by SIGINT (128 + 2)
 
 DatasetOpt = Annotated[
     str | None,
@@ -226,34 +229,54 @@ def ablate_command(
 
 
 def _execute(values: dict[str, Any], ablate: bool) -> None:
-    """Validate everything, then run; exit 2 on invalid options, 1 when a job failed."""
-    from orchestration.execution import RayConnectionError, run_benchmark
+    """Validate everything, then run.
+
+    Exits 2 on invalid options, 1 when a job failed, 130 when interrupted (Ctrl-C).
+    """
+    from orchestration.execution import RayConnectionError, RunInterrupted, run_benchmark
 
     console = Console(stderr=True)
     try:
         configure_logging(values.pop("log_level"))
         plan = validate(_options(values, ablate))
     except (PlanError, ValueError) as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print("interrupted before any job started", highlight=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     logger.info("run %s: %d jobs, results in %s", plan.run_name, len(plan.jobs), plan.run_dir)
     try:
         outcome = run_benchmark(plan, console)
     except RayConnectionError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
+    except RunInterrupted as exc:
+        # Without --run-name a new command would start a new timestamped run.
+        again = "the same command"
+        if plan.options.run_name is None:
+            again += f" with --run-name {plan.run_name}"
+        console.print(
+            f"interrupted: {exc.done} of {exc.total} jobs done; run {again} to continue "
+            f"(finished jobs are kept in {plan.run_dir})",
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     raise typer.Exit(outcome.exit_code)
 
 
 def _options(values: dict[str, Any], ablate: bool) -> RunOptions:
     config = values.pop("config")
     merged = load_config_file(config) if config is not None else {}
+    # Error messages name the config file for the values that come from it.
+    sources = {key: f"{key} (config file {config})" for key in merged}
     values["datasets"] = values.pop("dataset")
     for key, value in values.items():
         # An unset flag is None (False for --resume) and leaves the config file's value.
         if value is not None and value is not False:
             merged[key] = value
-    return resolve_resume(build_options(merged, ablate=ablate))
+            sources.pop(key, None)
+    return resolve_resume(build_options(merged, ablate=ablate, sources=sources))
 
 
 def resolve_resume(options: RunOptions) -> RunOptions:

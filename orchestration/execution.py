@@ -19,7 +19,7 @@ import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,15 @@ EXTRACT_CHUNK = 64  # images per extraction call; bounds the memory of a feature
 
 class RayConnectionError(RuntimeError):
     """Raised when the run can neither start a local Ray instance nor join the cluster."""
+
+
+class RunInterrupted(Exception):
+    """Raised by ``run_benchmark`` after Ctrl-C, once ``run.json`` has status ``interrupted``."""
+
+    def __init__(self, done: int, total: int) -> None:
+        super().__init__(f"interrupted: {done} of {total} jobs done")
+        self.done = done  # ok jobs of the plan in the run directory; a resume skips them
+        self.total = total
 
 
 @dataclass(frozen=True)
@@ -139,6 +148,9 @@ def ray_session(address: str | None, runtime_env: dict[str, Any] | None = None) 
             logger.info("joining the Ray cluster at %s", address)
             check_reachable(address)
             ray.init(address=address, **kwargs)
+    except KeyboardInterrupt:
+        ray.shutdown()  # a half-started local instance must not outlive the driver
+        raise
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = "a local Ray instance" if address is None else f"the Ray cluster at {address!r}"
         raise RayConnectionError(
@@ -261,7 +273,7 @@ def run_job_after_features(
 ) -> JobResult:
     """Run a job once its category's features are cached; fail it if extraction failed."""
     if features["error"]:
-        started = datetime.now(timezone.utc)
+        started = datetime.now(UTC)
         return failed_result(spec, f"feature extraction failed: {features['error']}", started)
     return run_job(spec, cache_dir)
 
@@ -287,9 +299,19 @@ def feature_group(spec: JobSpec, methods: tuple = ()) -> FeatureGroup:
 # ----------------------------------------------------------------------------- driver
 
 
-def execute(plan: RunPlan, store: RunStore, console: Console | None = None) -> ExecutionSummary:
-    """Run every job of ``plan`` not already done in ``store``; write each as it finishes."""
-    summary = ExecutionSummary(total=len(plan.jobs))
+def execute(
+    plan: RunPlan,
+    store: RunStore,
+    console: Console | None = None,
+    summary: ExecutionSummary | None = None,
+) -> ExecutionSummary:
+    """Run every job of ``plan`` not already done in ``store``; write each as it finishes.
+
+    ``summary``, when given, is filled in place, so its counts survive an interruption.
+    """
+    if summary is None:
+        summary = ExecutionSummary()
+    summary.total = len(plan.jobs)
     done = store.done_job_ids() & {spec.job_id for spec in plan.jobs}
     pending_specs = [spec for spec in plan.jobs if spec.job_id not in done]
     summary.skipped = len(done)
@@ -353,7 +375,7 @@ def _collect(job_refs: dict, store: RunStore, summary: ExecutionSummary, console
 
 def _fetch(ref: ray.ObjectRef, spec: JobSpec) -> JobResult:
     """Return a job's result; a task Ray could not complete becomes a failed result."""
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     try:
         return ray.get(ref)
     except ray.exceptions.RayError as exc:  # worker died past its retries, node lost, ...
@@ -416,26 +438,56 @@ def run_benchmark(
     """Execute a validated plan and write every table, ``run.json`` and the plot.
 
     The tables are written even when jobs failed; the exit code then is 1.
+
+    Raises:
+        RunInterrupted: Ctrl-C (KeyboardInterrupt) during the run; ``run.json`` then has
+            status ``interrupted`` and Ray is shut down. Finished jobs stay for a resume.
     """
     console = console or Console(stderr=True)
     store = RunStore(plan.run_dir)
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     if plan.random_weights:
         logger.warning(RANDOM_WEIGHTS_WARNING)
-    with ray_session(plan.options.address, runtime_env):
-        cluster = _cluster_info()
-        pending = ExecutionSummary(total=len(plan.jobs))
-        store.write_run_json(_run_info(plan, started, None, pending, cluster))
-        summary = execute(plan, store, console)
+    cluster: dict[str, Any] = {}
+    summary = ExecutionSummary(total=len(plan.jobs))
+    try:
+        with ray_session(plan.options.address, runtime_env):
+            cluster = _cluster_info()
+            store.write_run_json(_run_info(plan, started, None, summary, cluster))
+            execute(plan, store, console, summary)
+    except KeyboardInterrupt:
+        raise _record_interruption(plan, store, started, summary, cluster) from None
 
     ablated = ABLATED_METHOD if plan.options.ablate else None
     tables = write_final_tables(store, [spec.job_id for spec in plan.jobs], ablated)
-    finished = datetime.now(timezone.utc)
+    finished = datetime.now(UTC)
     store.write_run_json(_run_info(plan, started, finished, summary, cluster))
     _plot(tables, plan.run_dir / "leaderboard.png")
     print_summary(console, tables.leaderboard, summary.counts())
     console.print(f"results: {plan.run_dir}")
     return RunOutcome(plan.run_dir, summary, tables, 0 if summary.failed == 0 else 1)
+
+
+def _record_interruption(
+    plan: RunPlan,
+    store: RunStore,
+    started: datetime,
+    summary: ExecutionSummary,
+    cluster: dict[str, Any],
+) -> RunInterrupted:
+    """Write ``run.json`` with status ``interrupted``; return the exception to raise.
+
+    Its ``jobs`` counts cover this execution; ``jobs.done`` counts every ok job of the
+    plan in the run directory, the ones a resume skips.
+    """
+    done = len(store.done_job_ids() & {spec.job_id for spec in plan.jobs})
+    info = _run_info(plan, started, datetime.now(UTC), summary, cluster)
+    info["status"] = "interrupted"
+    info["jobs"]["done"] = done
+    if (plan.run_dir / "run.json").exists():  # else Ray was still starting: nothing to record
+        store.write_run_json(info)
+    logger.warning("run %s interrupted: %d of %d jobs done", plan.run_name, done, len(plan.jobs))
+    return RunInterrupted(done, len(plan.jobs))
 
 
 def _plot(tables: FinalTables, path: Path) -> None:

@@ -13,13 +13,12 @@ import hashlib
 import json
 import logging
 import re
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 logger = logging.getLogger(__name__)
 
@@ -141,10 +140,16 @@ class RunPlan:
         return self.weights == "none"
 
     def effective_config(self) -> dict[str, Any]:
-        """Return the options as plain JSON values, for ``run.json``."""
+        """Return the options as plain JSON values, for ``run.json``.
+
+        Besides the options it contains the resolved weights, the absolute root of each
+        dataset and the support lists hash, which ``check_existing_run`` compares.
+        """
         config = {name: _jsonable(value) for name, value in asdict(self.options).items()}
         config["run_name"] = self.run_name
         config["weights"] = self.weights
+        config["data_roots"] = {info.dataset: str(info.root) for info in self.categories}
+        config["support_lists_sha256"] = _support_lists_identity(self.options.support_lists)[1]
         return config
 
 
@@ -159,33 +164,39 @@ def split_list(text: str, option: str) -> tuple[str, ...]:
     return items
 
 
-def parse_shots(text: str) -> tuple[str, ...]:
-    """Parse ``"1,4,full"``: positive integers or ``full``, kept as the strings given."""
+def parse_shots(text: str, option: str = "--shots") -> tuple[str, ...]:
+    """Parse ``"1,4,full"``: positive integers or ``full``, kept as the strings given.
+
+    ``option`` names where the value came from in error messages.
+    """
     shots = []
-    for item in split_list(text, "--shots"):
+    for item in split_list(text, option):
         if item.lower() == SHOT_FULL:
             shots.append(SHOT_FULL)
         elif item.isdigit() and int(item) > 0:
             shots.append(str(int(item)))
         else:
             raise PlanError(
-                f"invalid shot {item!r} in --shots: expected a positive integer or 'full'"
+                f"invalid shot {item!r} in {option}: expected a positive integer or 'full'"
             )
     return tuple(dict.fromkeys(shots))
 
 
-def parse_seeds(text: str) -> tuple[int, ...]:
-    """Parse ``"0,1,2"`` or ranges such as ``"0-4"`` into non-negative integer seeds."""
+def parse_seeds(text: str, option: str = "--seeds") -> tuple[int, ...]:
+    """Parse ``"0,1,2"`` or ranges such as ``"0-4"`` into non-negative integer seeds.
+
+    ``option`` names where the value came from in error messages.
+    """
     seeds: list[int] = []
-    for item in split_list(text, "--seeds"):
+    for item in split_list(text, option):
         low, sep, high = item.partition("-")
         if not (low.isdigit() and (not sep or high.isdigit())):
             raise PlanError(
-                f"invalid seed {item!r} in --seeds: expected integers such as 0,1,2 or 0-4"
+                f"invalid seed {item!r} in {option}: expected integers such as 0,1,2 or 0-4"
             )
         first, last = int(low), int(high) if sep else int(low)
         if last < first:
-            raise PlanError(f"invalid seed range {item!r}: the end is below the start")
+            raise PlanError(f"invalid seed range {item!r} in {option}: the end is below the start")
         seeds.extend(range(first, last + 1))
     return tuple(dict.fromkeys(seeds))
 
@@ -240,27 +251,36 @@ def load_config_file(path: Path) -> dict[str, Any]:
     return values
 
 
-def build_options(values: Mapping[str, Any], ablate: bool = False) -> RunOptions:
+def build_options(
+    values: Mapping[str, Any],
+    ablate: bool = False,
+    sources: Mapping[str, str] | None = None,
+) -> RunOptions:
     """Turn raw option values (strings from flags or TOML, None when unset) into RunOptions.
+
+    Args:
+        values: option name -> raw value.
+        ablate: set by the ``ablate`` command.
+        sources: option name -> where its value came from, as error messages name it
+            (e.g. ``"seeds (config file run.toml)"``); default the flag, ``--seeds``.
 
     Raises:
         PlanError: a value cannot be parsed.
     """
     provided = {key: value for key, value in values.items() if value is not None}
+    labels = {"datasets": "--dataset", **dict(sources or {})}
+
+    def label(name: str) -> str:
+        return labels.get(name, "--" + name.replace("_", "-"))
+
     parsed: dict[str, Any] = {"ablate": ablate}
-    list_options = {
-        "datasets": "--dataset",
-        "categories": "--categories",
-        "methods": "--methods",
-        "variants": "--variants",
-    }
-    for name, flag in list_options.items():
+    for name in ("datasets", "categories", "methods", "variants"):
         if name in provided:
-            parsed[name] = split_list(str(provided[name]), flag)
+            parsed[name] = split_list(str(provided[name]), label(name))
     if "shots" in provided:
-        parsed["shots"] = parse_shots(str(provided["shots"]))
+        parsed["shots"] = parse_shots(str(provided["shots"]), label("shots"))
     if "seeds" in provided:
-        parsed["seeds"] = parse_seeds(str(provided["seeds"]))
+        parsed["seeds"] = parse_seeds(str(provided["seeds"]), label("seeds"))
     for name in ("data_root", "backbone", "pretrained", "run_name", "address", "device"):
         if name in provided:
             parsed[name] = str(provided[name])
@@ -274,7 +294,7 @@ def build_options(values: Mapping[str, Any], ablate: bool = False) -> RunOptions
         ("cpus_per_job", float),
     ):
         if name in provided:
-            parsed[name] = _cast(provided[name], cast, name)
+            parsed[name] = _cast(provided[name], cast, label(name))
     if "resume" in provided:
         parsed["resume"] = bool(provided["resume"])
     if ablate:
@@ -282,12 +302,11 @@ def build_options(values: Mapping[str, Any], ablate: bool = False) -> RunOptions
     return RunOptions(**parsed)
 
 
-def _cast(value: Any, cast: type, name: str) -> Any:
+def _cast(value: Any, cast: type, option: str) -> Any:
     try:
         return cast(value)
     except (TypeError, ValueError) as exc:
-        flag = "--" + name.replace("_", "-")
-        raise PlanError(f"invalid {flag} {value!r}: expected a {cast.__name__}") from exc
+        raise PlanError(f"invalid {option} {value!r}: expected a {cast.__name__}") from exc
 
 
 # ----------------------------------------------------------------------------- validation
@@ -301,15 +320,19 @@ def validate(options: RunOptions, now: datetime | None = None) -> RunPlan:
     """
     errors: list[str] = []
     errors += _check_scalars(options)
+    errors += _check_out(options.out, options.run_name)
+    errors += _check_device(options.device, options.address)
     errors += _check_methods(options)
     categories = _check_datasets(options, errors)
     errors += _check_support_lists(options.support_lists)
     weights = _resolve_weights(options, errors)
     image_size = options.image_size or _default_image_size(options.backbone, errors)
+    if weights:
+        errors += _check_checkpoint(options.backbone, options.pretrained)
     if errors:
         raise PlanError("invalid run options:\n" + "\n".join(f"  - {e}" for e in errors))
 
-    run_name = options.run_name or (now or datetime.now(timezone.utc)).strftime("%Y%m%d-%H%M%S")
+    run_name = options.run_name or (now or datetime.now(UTC)).strftime("%Y%m%d-%H%M%S")
     plan = RunPlan(
         options=replace(options, image_size=image_size),
         run_name=run_name,
@@ -317,7 +340,14 @@ def validate(options: RunOptions, now: datetime | None = None) -> RunPlan:
         weights=weights,
         categories=tuple(categories),
     )
-    return replace(plan, jobs=tuple(expand_jobs(plan)))
+    plan = replace(plan, jobs=tuple(expand_jobs(plan)))
+    if not plan.jobs:
+        raise PlanError(
+            "the options select no job; check --dataset, --data-root and --categories with "
+            "`h2vlr-bench datasets check --dataset NAME --data-root PATH`"
+        )
+    check_existing_run(plan)
+    return plan
 
 
 def _check_scalars(options: RunOptions) -> list[str]:
@@ -344,6 +374,42 @@ def _check_scalars(options: RunOptions) -> list[str]:
     if not options.seeds:
         errors.append("no seeds selected; pass --seeds such as 0,1,2")
     return errors
+
+
+def _check_out(out: Path, run_name: str | None) -> list[str]:
+    """Check that ``--out`` (and the run directory) can be directories; missing ones are fine."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                return [
+                    f"invalid --out {out}: {path} is a file, not a directory; pass a directory "
+                    "for the run directories (it is created when missing)"
+                ]
+            break
+    run_dir = out / run_name if run_name else None
+    if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
+        return [f"run directory {run_dir} is a file; pass another --run-name or --out"]
+    return []
+
+
+def _check_device(device: str, address: str | None) -> list[str]:
+    """Reject ``cuda`` when the local jobs cannot have it; on a cluster only warn."""
+    import torch
+
+    if device != "cuda" or torch.cuda.is_available():
+        return []
+    if address is None:
+        return [
+            "--device cuda: CUDA is not available on this machine, where the local Ray "
+            "instance runs the jobs; pass --device cpu, or --device auto to use a GPU when "
+            "there is one"
+        ]
+    logger.warning(
+        "--device cuda: this driver has no CUDA; every worker of the cluster at %s must have "
+        "a GPU, or its jobs fail",
+        address,
+    )
+    return []
 
 
 def _check_methods(options: RunOptions) -> list[str]:
@@ -392,6 +458,7 @@ def _check_datasets(options: RunOptions, errors: list[str]) -> list[CategoryInfo
 
     selected: list[CategoryInfo] = []
     found_names: set[str] = set()
+    unselected: list[str] = []  # datasets none of whose categories --categories names
     for name in options.datasets:
         if name in unknown:
             continue
@@ -402,17 +469,41 @@ def _check_datasets(options: RunOptions, errors: list[str]) -> list[CategoryInfo
         except (OSError, ValueError) as exc:
             errors.append(str(exc))
             continue
+        if not names:
+            errors.append(_no_category_message(name, root, options))
+            continue
         found_names.update(names)
         chosen = [c for c in names if options.categories is None or c in options.categories]
+        if not chosen:
+            unselected.append(f"{name} (categories: {', '.join(names)})")
         for category in chosen:
             selected.append(_category_info(adapter, root, category, options.shots, errors))
-    for category in options.categories or ():
-        if category not in found_names:
-            errors.append(
-                f"unknown category {category!r} for dataset(s) {', '.join(options.datasets)}; "
-                f"valid: {', '.join(sorted(found_names)) or 'none'}"
-            )
+    unknown_categories = [c for c in options.categories or () if c not in found_names]
+    for category in unknown_categories:
+        errors.append(
+            f"unknown category {category!r} for dataset(s) {', '.join(options.datasets)}; "
+            f"valid: {', '.join(sorted(found_names)) or 'none'}"
+        )
+    if unselected and not unknown_categories:
+        errors.append(
+            f"--categories selects nothing of dataset {'; '.join(unselected)}; add one of its "
+            "categories or drop it from --dataset"
+        )
     return [info for info in selected if info is not None]
+
+
+def _no_category_message(name: str, root: Path, options: RunOptions) -> str:
+    message = (
+        f"dataset {name!r} has no category under {root}; check the layout with "
+        f"`h2vlr-bench datasets check --dataset {name} --data-root {root}` and pass the "
+        "directory that holds the dataset itself"
+    )
+    shared_root = options.data_root is not None and "=" not in options.data_root
+    if shared_root and len(options.datasets) > 1:
+        message += (
+            "; with several datasets, give each its own root: --data-root NAME=PATH,NAME=PATH"
+        )
+    return message
 
 
 def _category_info(adapter, root: Path, category: str, shots: Sequence[str], errors: list[str]):
@@ -467,9 +558,136 @@ def _resolve_weights(options: RunOptions, errors: list[str]) -> str:
 
     try:
         return resolve_weights(options.backbone, options.pretrained)
-    except (ValueError, WeightsNotAvailableError) as exc:
+    except WeightsNotAvailableError as exc:
+        errors.append(
+            f"{exc} To check the pipeline without these weights, run with --backbone "
+            "tiny-test --pretrained none (random weights: the scores are not meaningful)."
+        )
+    except ValueError as exc:
         errors.append(str(exc))
-        return ""
+    return ""
+
+
+def _check_checkpoint(backbone: str, pretrained: str) -> list[str]:
+    """Load the backbone once on the CPU when ``pretrained`` is a checkpoint file.
+
+    A file of the wrong model or format would otherwise fail inside every job.
+    """
+    from h2vlr.backbone import load_backbone
+
+    path = Path(pretrained).expanduser()
+    if not path.is_file():
+        return []
+    logger.info("checking checkpoint %s with backbone %s on the CPU", path, backbone)
+    try:
+        load_backbone(backbone, str(path), device="cpu")
+    except Exception as exc:  # unpickling, key and shape errors all mean: not this model's file
+        reason = _short_reason(exc, path)
+        return [
+            f"checkpoint {path} cannot be loaded into backbone {backbone!r} ({reason}); pass "
+            f"an open_clip checkpoint of {backbone}, or the --backbone it was trained for"
+        ]
+    return []
+
+
+_REASON_CHARS = 200  # maximum length of an exception excerpt in a checkpoint message
+
+
+def _short_reason(exc: Exception, path: Path) -> str:
+    """Summarise a checkpoint loading error in one line (torch's own text lists every key)."""
+    import pickle
+
+    text = str(exc).strip()
+    unreadable = isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text
+    if unreadable or not _looks_like_checkpoint(path):
+        return "not a PyTorch checkpoint: torch.load cannot read it as saved tensors"
+    details = []
+    for line in (line.strip() for line in text.splitlines()):
+        label, _, keys = line.partition(" in state_dict: ")
+        if keys:  # 'Missing key(s) in state_dict: "a", "b"' and 'Unexpected key(s) ...'
+            names = [name.strip().strip('".') for name in keys.split(",")]
+            what = "missing" if label.startswith("Missing") else "unexpected"
+            details.append(f"{len(names)} {what} keys such as {names[0]!r}")
+        elif line.startswith("size mismatch"):
+            details.append(line[:_REASON_CHARS].rstrip("."))
+    if details:
+        return "its weights do not fit the model: " + "; ".join(details)
+    first = text.splitlines()[0] if text else "no details"
+    return f"{type(exc).__name__}: {first[:_REASON_CHARS]}"
+
+
+def _looks_like_checkpoint(path: Path) -> bool:
+    """Return True for a zip archive (torch.save), a pickle or a safetensors file."""
+    import zipfile
+
+    if path.suffix == ".safetensors" or zipfile.is_zipfile(path):
+        return True
+    with path.open("rb") as handle:
+        return handle.read(1) == b"\x80"  # the PROTO opcode that starts a binary pickle
+
+
+# Settings in run.json that define a run's jobs, each with the older key it replaces.
+# A run directory may only be continued with the same values.
+PLAN_SETTINGS: tuple[tuple[str, str | None], ...] = (
+    ("ablate", None),
+    ("datasets", None),
+    ("data_roots", "data_root"),
+    ("categories", None),
+    ("shots", None),
+    ("seeds", None),
+    ("methods", None),
+    ("variants", None),
+    ("backbone", None),
+    ("weights", "pretrained"),
+    ("image_size", None),
+    ("steps", None),
+    ("support_lists_sha256", "support_lists"),
+)
+
+
+def check_existing_run(plan: RunPlan) -> None:
+    """Reject continuing a run directory whose ``run.json`` records other plan settings.
+
+    Settings missing from that file (written by an older version) are not compared.
+
+    Raises:
+        PlanError: listing each differing setting, its value in the run and now.
+    """
+    path = plan.run_dir / "run.json"
+    if not path.is_file():
+        return
+    try:
+        stored = json.loads(path.read_text()).get("config") or {}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise PlanError(
+            f"cannot read {path} of the existing run {plan.run_name!r} ({exc}); "
+            "pass another --run-name to start a new run"
+        ) from exc
+    current = json.loads(json.dumps(plan.effective_config()))
+    differences = []
+    for key, older_key in PLAN_SETTINGS:
+        name = key if key in stored else older_key
+        if name is None or name not in stored:
+            continue
+        if stored[name] != current.get(name):
+            differences.append(
+                f"  - {name}: {_show(stored[name])} in the run, {_show(current.get(name))} now"
+            )
+    if differences:
+        raise PlanError(
+            f"run directory {plan.run_dir} contains a run with other settings:\n"
+            + "\n".join(differences)
+            + "\nPass another --run-name to start a new run, or the original options "
+            f"(recorded in {path}) to continue this one"
+        )
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(str(item) for item in value) or "(empty)"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items()) or "(empty)"
+    return "(not set)" if value is None else str(value)
 
 
 # ----------------------------------------------------------------------------- expansion

@@ -103,7 +103,10 @@ class DatasetAdapter(ABC):
         reports: dict[str, CategoryReport] = {}
         problems: list[Problem] = []
         if not names:
-            message = f"no categories found; see docs/datasets.md for the {self.name} layout"
+            message = (
+                f"no categories found; pass the directory that contains the {self.name} "
+                "dataset itself (not its parent), laid out as docs/datasets.md describes"
+            )
             problems.append(Problem("error", str(resolved), message))
         for category in names:
             try:
