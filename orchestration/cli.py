@@ -8,7 +8,7 @@ from __future__ import annotations
 import warnings
 
 # open_clip still decorates a few helpers with torch.jit.script, which torch 2.14
-# reports as deprecated on every start; the message says nothing to a benchmark user.
+# reports as deprecated on every start; the warning is noise to a benchmark user.
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
 
 import typer  # noqa: E402
