@@ -334,7 +334,7 @@ def execute(
         _job_task.options(**resources).remote(spec, cache_dir, feature_refs[groups[spec]]): spec
         for spec in pending_specs
     }
-    _collect(job_refs, store, summary, console or Console(stderr=True))
+    _collect(job_refs, list(feature_refs.values()), store, summary, console or Console(stderr=True))
     _add_feature_stats(feature_refs, summary)
     return summary
 
@@ -344,11 +344,17 @@ def _group_order(group: FeatureGroup) -> tuple[str, str]:
 
 
 def _submit_feature_tasks(groups: list[FeatureGroup], cache_dir: str, resources: dict[str, float]):
-    logger.info("extracting features of %d categories", len(groups))
+    logger.info("extracting features of %d dataset categories", len(groups))
     return {group: _extract_task.options(**resources).remote(group, cache_dir) for group in groups}
 
 
-def _collect(job_refs: dict, store: RunStore, summary: ExecutionSummary, console: Console) -> None:
+def _collect(
+    job_refs: dict,
+    feature_refs: list,
+    store: RunStore,
+    summary: ExecutionSummary,
+    console: Console,
+) -> None:
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -360,8 +366,14 @@ def _collect(job_refs: dict, store: RunStore, summary: ExecutionSummary, console
     )
     pending = dict(job_refs)
     with Progress(*columns, console=console, transient=False) as progress:
+        features = progress.add_task("features", total=len(feature_refs), failed=0)
         bar = progress.add_task("jobs", total=summary.total, completed=summary.skipped, failed=0)
+        extracting = list(feature_refs)
         while pending:
+            if extracting:
+                # Feature sets done (or failed: their jobs report the error) per category.
+                done, extracting = ray.wait(extracting, num_returns=len(extracting), timeout=0)
+                progress.update(features, advance=len(done))
             ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=WAIT_SECONDS)
             for ref in ready:
                 spec = pending.pop(ref)
@@ -371,6 +383,8 @@ def _collect(job_refs: dict, store: RunStore, summary: ExecutionSummary, console
                 summary.failed += not ok
                 summary.job_images_encoded += row["images_encoded"]
                 progress.update(bar, advance=1, failed=summary.failed)
+        # Every job has returned, so every feature task it waited on has too.
+        progress.update(features, completed=len(feature_refs))
 
 
 def _fetch(ref: ray.ObjectRef, spec: JobSpec) -> JobResult:
