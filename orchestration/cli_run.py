@@ -283,11 +283,18 @@ def resolve_resume(options: RunOptions) -> RunOptions:
     """With ``--resume`` and no run name, pick the most recent run directory under ``--out``.
 
     Raises:
-        PlanError: no run directory exists to resume.
+        PlanError: no run directory exists to resume, or none of the given name.
     """
     from dataclasses import replace
 
-    if not options.resume or options.run_name is not None:
+    if not options.resume:
+        return options
+    if options.run_name is not None:
+        if not (options.out / options.run_name / "run.json").is_file():
+            raise PlanError(
+                f"--resume found no run named {options.run_name!r} under {options.out}; check "
+                "the name, or drop --resume to start it as a new run"
+            )
         return options
     runs = sorted(options.out.glob("*/run.json"), key=lambda path: path.stat().st_mtime)
     if not runs:

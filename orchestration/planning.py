@@ -327,6 +327,7 @@ def validate(options: RunOptions, now: datetime | None = None) -> RunPlan:
     errors += _check_support_lists(options.support_lists)
     weights = _resolve_weights(options, errors)
     image_size = options.image_size or _default_image_size(options.backbone, errors)
+    errors += _check_image_size(options.backbone, options.image_size)
     if weights:
         errors += _check_checkpoint(options.backbone, options.pretrained)
     if errors:
@@ -538,6 +539,29 @@ def _default_image_size(backbone: str, errors: list[str]) -> int | None:
     return int(size[0] if isinstance(size, list | tuple) else size)
 
 
+def _check_image_size(backbone: str, image_size: int | None) -> list[str]:
+    """Check that an explicit --image-size is a multiple of the backbone's patch size."""
+    import open_clip
+
+    from h2vlr.backbone import register_model_configs
+
+    if image_size is None:
+        return []
+    register_model_configs()
+    config = open_clip.get_model_config(backbone)
+    if config is None:
+        return []  # the unknown name is reported by the weights check
+    patch = config["vision_cfg"]["patch_size"]
+    patch = int(patch[0] if isinstance(patch, list | tuple) else patch)
+    if image_size % patch:
+        lower = max(patch, image_size - image_size % patch)
+        return [
+            f"invalid --image-size {image_size} for backbone {backbone!r}: expected a multiple "
+            f"of its patch size {patch}, for example {lower} or {lower + patch}"
+        ]
+    return []
+
+
 def _check_support_lists(path: Path | None) -> list[str]:
     """Check that a support lists file exists and parses; its entries are checked per job."""
     from h2vlr.data import load_support_lists
@@ -669,7 +693,7 @@ def check_existing_run(plan: RunPlan) -> None:
         name = key if key in stored else older_key
         if name is None or name not in stored:
             continue
-        if stored[name] != current.get(name):
+        if _setting(name, stored[name]) != _setting(name, current.get(name)):
             differences.append(
                 f"  - {name}: {_show(stored[name])} in the run, {_show(current.get(name))} now"
             )
@@ -680,6 +704,15 @@ def check_existing_run(plan: RunPlan) -> None:
             + "\nPass another --run-name to start a new run, or the original options "
             f"(recorded in {path}) to continue this one"
         )
+
+
+def _setting(name: str, value: Any) -> Any:
+    """Normalise a recorded setting: unset --steps means the H2VLR default."""
+    if name == "steps" and value is None:
+        from h2vlr.config import H2VLRConfig
+
+        return H2VLRConfig().steps
+    return value
 
 
 def _show(value: Any) -> str:

@@ -307,3 +307,30 @@ def test_ctrl_c_records_interrupted_run(cache_dir, tmp_path):
     assert info["finished_at"] is not None
     assert not (run_dir / "jobs.parquet").exists()
     assert not left, f"Ray processes outlived the driver: {left}"
+
+
+def test_image_size_off_patch_grid_rejected(tmp_path):
+    code, output = invoke(tmp_path, "run", *ONE_JOB, "--image-size", "65")
+    assert code == 2
+    assert "invalid --image-size 65 for backbone 'tiny-test'" in output
+    assert "patch size 8, for example 64 or 72" in output
+    assert not any(tmp_path.iterdir())  # nothing started, no run directory
+
+
+def test_resume_of_unknown_run_name_rejected(tmp_path):
+    _start_run(tmp_path, "existing", shots="1", seeds="0")
+    code, output = invoke(tmp_path, "run", *ONE_JOB, "--resume", "--run-name", "existnig")
+    assert code == 2
+    assert "--resume found no run named 'existnig'" in output
+    assert not (tmp_path / "existnig").exists()
+
+
+def test_default_steps_given_explicitly_accepted(tmp_path):
+    from h2vlr.config import H2VLRConfig
+
+    _start_run(tmp_path, "defaults", shots="1", seeds="0")
+    values = {"categories": "checkered_tile", "backbone": "tiny-test", "pretrained": "none"}
+    values.update(shots="1", seeds="0", out=str(tmp_path), run_name="defaults")
+    values["steps"] = str(H2VLRConfig().steps)
+    plan = validate(build_options(values))
+    assert len(plan.jobs) == 1
