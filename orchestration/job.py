@@ -41,10 +41,11 @@ logger = logging.getLogger(__name__)
 PIXEL_METRIC_NAMES = tuple(name for name in METRIC_NAMES if name.startswith("pixel_"))
 SCORE_BATCH_SIZE = 32  # test images scored per method.score call
 TRACEBACK_LINES = 12  # lines of a failed job's traceback kept in the jobs table
-# Test hooks, both off unless this variable names a directory: a job exits its worker
+# Test hooks, all off unless this variable names a directory: a job exits its worker
 # process once when <dir>/<job_id>.exit exists (the file is removed first), to exercise
-# Ray's retry of dead workers; and while <dir>/hold exists, only the first job to start
-# runs and every other job waits, so a test can kill the driver with exactly one job done.
+# Ray's retry of dead workers; a job raises when <dir>/<job_id>.raise exists; and while
+# <dir>/hold exists, only the first job to start runs and every other job waits, so a
+# test can kill the driver with exactly one job done.
 FAULT_DIR_ENV = "H2VLR_FAULT_DIR"
 HOLD_TIMEOUT_SECONDS = 600.0
 
@@ -181,6 +182,8 @@ def _exit_if_armed(job_id: str) -> None:
     fault_dir = os.environ.get(FAULT_DIR_ENV)
     if not fault_dir:
         return
+    if (Path(fault_dir) / f"{job_id}.raise").exists():
+        raise RuntimeError(f"test hook: job {job_id} raises on request")
     marker = Path(fault_dir) / f"{job_id}.exit"
     if marker.exists():
         marker.unlink()

@@ -347,8 +347,55 @@ def validate(options: RunOptions, now: datetime | None = None) -> RunPlan:
             "the options select no job; check --dataset, --data-root and --categories with "
             "`h2vlr-bench datasets check --dataset NAME --data-root PATH`"
         )
+    _check_listed_support_sets(plan)
     check_existing_run(plan)
     return plan
+
+
+def _check_listed_support_sets(plan: RunPlan) -> None:
+    """Check every job's entry of the support lists file before a job starts.
+
+    A listed set must name pool images and hold exactly ``shot`` of them; jobs the file
+    does not list are sampled, which is logged once with their count.
+
+    Raises:
+        PlanError: listing every job whose entry is invalid.
+    """
+    from h2vlr.data import get_dataset, load_support_lists, sample_support
+
+    path = plan.options.support_lists
+    if path is None:
+        return
+    lists = load_support_lists(path)
+    errors: list[str] = []
+    sampled = 0
+    loaded: dict[tuple[str, str, str], Any] = {}
+    for job in plan.jobs:
+        shot: int | str = job.shot if job.shot == SHOT_FULL else int(job.shot)
+        if lists.lookup(job.dataset, job.category, shot, job.seed) is None:
+            sampled += 1
+            continue
+        key = (job.dataset, job.data_root, job.category)
+        if key not in loaded:
+            loaded[key] = get_dataset(job.dataset).load_category(Path(job.data_root), job.category)
+        try:
+            sample_support(loaded[key], shot, job.seed, lists)
+        except ValueError as exc:
+            errors.append(f"{job.dataset}/{job.category} shot {job.shot} seed {job.seed}: {exc}")
+    if errors:
+        unique = list(dict.fromkeys(errors))
+        raise PlanError(
+            f"invalid entries in support lists file {path}:\n"
+            + "\n".join(f"  - {e}" for e in unique)
+        )
+    if sampled:
+        logger.warning(
+            "support lists file %s has no entry for %d of %d jobs; those jobs sample their "
+            "support sets (seeded), and their support_files column records the draw",
+            path,
+            sampled,
+            len(plan.jobs),
+        )
 
 
 def _check_scalars(options: RunOptions) -> list[str]:

@@ -133,18 +133,22 @@ def test_no_gpu_requested_without_gpus(local_ray):
 
 
 def test_failed_job_recorded(local_ray, baseline, tmp_path):
-    # A support list that names a file outside the pool makes exactly one job raise.
-    lists = tmp_path / "support.json"
-    missing = "checkered_tile/train/good/missing.png"
-    lists.write_text(json.dumps({"demo": {"checkered_tile": {"1": {"1": [missing]}}}}))
     args = [*BASE_ARGS, "--shots", "1", "--seeds", "0,1", "--methods", "patch-knn"]
-    result = invoke_cli("run", [*args, "--support-lists", str(lists)], tmp_path, "faulty")
+    values = {"categories": "checkered_tile", "shots": "1", "seeds": "0,1"}
+    values.update(methods="patch-knn", backbone="tiny-test", pretrained="none")
+    failing = next(job for job in validate(build_options(values)).jobs if job.seed == 1)
+    marker = local_ray / f"{failing.job_id}.raise"
+    marker.touch()
+    try:
+        result = invoke_cli("run", args, tmp_path, "faulty")
+    finally:
+        marker.unlink()
 
     assert result.exit_code == 1
     jobs = result.table("jobs").set_index("seed")
     assert jobs.at[1, "status"] == "failed"
-    assert missing in jobs.at[1, "error"]
-    assert "Traceback" in jobs.at[1, "traceback"] or "sample_support" in jobs.at[1, "traceback"]
+    assert jobs.at[1, "error"] == f"RuntimeError: test hook: job {failing.job_id} raises on request"
+    assert "Traceback" in jobs.at[1, "traceback"]
     assert np.isnan(jobs.at[1, "image_auroc"])
     assert jobs.at[1, "image_auroc_reason"] == "job failed"
     assert jobs.at[0, "status"] == "ok"

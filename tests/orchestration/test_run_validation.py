@@ -334,3 +334,30 @@ def test_default_steps_given_explicitly_accepted(tmp_path):
     values["steps"] = str(H2VLRConfig().steps)
     plan = validate(build_options(values))
     assert len(plan.jobs) == 1
+
+
+def test_invalid_listed_support_set_rejected(tmp_path):
+    lists = tmp_path / "support.json"
+    missing = "checkered_tile/train/good/missing.png"
+    lists.write_text(json.dumps({"demo": {"checkered_tile": {"1": {"0": [missing]}}}}))
+    code, output = invoke(tmp_path / "runs", "run", *ONE_JOB, "--support-lists", str(lists))
+    assert code == 2
+    assert f"invalid entries in support lists file {lists}" in output
+    assert "demo/checkered_tile shot 1 seed 0" in output
+    assert missing in output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unlisted_jobs_logged_as_sampled(tmp_path, caplog):
+    from h2vlr.data import get_dataset, sample_support
+
+    data = get_dataset("demo").load_category(None, "checkered_tile")
+    listed = [sample.rel_path for sample in sample_support(data, 1, 0)]
+    lists = tmp_path / "support.json"
+    lists.write_text(json.dumps({"demo": {"checkered_tile": {"1": {"0": listed}}}}))
+    values = {"categories": "checkered_tile", "shots": "1", "seeds": "0,1"}
+    values.update(backbone="tiny-test", pretrained="none", support_lists=str(lists))
+    with caplog.at_level(logging.WARNING, logger="orchestration.planning"):
+        plan = validate(build_options(values))
+    assert len(plan.jobs) == 2
+    assert "has no entry for 1 of 2 jobs" in caplog.text
