@@ -306,19 +306,10 @@ def evaluate_job(
 
 
 def _score_rows(spec: JobSpec, n_support: int, test, scores: np.ndarray) -> list[dict[str, Any]]:
+    identity = _identity_columns(spec)
     return [
         {
-            "job_id": spec.job_id,
-            "dataset": spec.dataset,
-            "category": spec.category,
-            "shot": spec.shot,
-            "seed": spec.seed,
-            "method": spec.method,
-            "variant": spec.variant,
-            "backbone": spec.backbone,
-            "pretrained": spec.weights,
-            "random_weights": spec.weights == "none",
-            "image_size": spec.image_size,
+            **identity,
             "n_support": n_support,
             "rel_path": sample.rel_path,
             "label": int(sample.label),
@@ -329,8 +320,8 @@ def _score_rows(spec: JobSpec, n_support: int, test, scores: np.ndarray) -> list
     ]
 
 
-def spec_columns(spec: JobSpec) -> dict[str, Any]:
-    """Return the spec and environment columns shared by ok and failed rows."""
+def _identity_columns(spec: JobSpec) -> dict[str, Any]:
+    """Return the columns that identify a job's setting in every table it writes."""
     return {
         "job_id": spec.job_id,
         "dataset": spec.dataset,
@@ -343,6 +334,13 @@ def spec_columns(spec: JobSpec) -> dict[str, Any]:
         "pretrained": spec.weights,
         "random_weights": spec.weights == "none",
         "image_size": spec.image_size,
+    }
+
+
+def spec_columns(spec: JobSpec) -> dict[str, Any]:
+    """Return the spec and environment columns shared by ok and failed rows."""
+    return {
+        **_identity_columns(spec),
         "options": json.dumps(spec.method_options(), sort_keys=True),
         "config_hash": spec.config_hash,
         "host": socket.gethostname(),

@@ -18,15 +18,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-METRIC_NAMES: tuple[str, ...] = (
-    "image_auroc",
-    "image_ap",
-    "image_f1_max",
-    "pixel_auroc",
-    "pixel_ap",
-    "pixel_f1_max",
-    "pixel_aupro",
-)
+from h2vlr.metrics import METRIC_NAMES
+
 METRIC_MEANINGS: dict[str, str] = {
     "image_auroc": "area under the ROC curve of the image scores",
     "image_ap": "average precision of the image scores",
