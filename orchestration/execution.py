@@ -436,7 +436,7 @@ def _add_feature_stats(feature_refs: dict, summary: ExecutionSummary) -> None:
 
 @dataclass(frozen=True)
 class RunOutcome:
-    """What a finished run produced."""
+    """Outcome of a finished run: its directory, tables and job counts."""
 
     run_dir: Path
     summary: ExecutionSummary

@@ -43,7 +43,7 @@ def test_readme_offline_run_command(tmp_path):
     assert offline, "the README must show the offline (random weights) run"
     words = shlex.split(offline[0])
     assert words[0] == ".venv/bin/h2vlr-bench"
-    # The venv of this interpreter stands in for the README's .venv.
+    # The venv of this interpreter replaces the README's .venv.
     script = Path(sys.executable).with_name("h2vlr-bench")
     command = [str(script), *words[1:], "--out", str(tmp_path), "--run-name", "readme"]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}

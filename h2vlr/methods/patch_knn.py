@@ -5,7 +5,7 @@ per image, ``M`` memory-bank rows per layer, ``D`` joint embedding width, ``S``
 evaluation resolution.
 
 Each feature layer keeps its own memory bank of L2-normalised support patch tokens,
-reduced by a greedy k-center coreset when it holds more than ``max_memory`` rows. A
+reduced by a greedy k-center coreset when it contains more than ``max_memory`` rows. A
 query patch scores ``1 - max cosine`` to its layer's bank; the patch score is the mean
 over layers, the map is that score upsampled and smoothed, and the image score is the
 maximum patch score (before upsampling).
