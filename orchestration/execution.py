@@ -5,9 +5,10 @@ CPU slot per core) and shuts it down at the end. With ``--address`` it joins an
 existing cluster (``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``). A driver that is already
 connected (``ray.is_initialized()``) keeps its connection.
 
-Features are extracted once per (dataset, category, backbone) by their own task, before
-the jobs of that category, into the shared feature cache; each job task depends on its
-category's extraction task and reads the cache. Each finished job is written to the run
+Features are extracted into the shared feature cache once per (dataset, category,
+backbone), by their own task. Each job task depends on its category's extraction task
+and then reads the cache, together with the extras that methods cache through
+``AnomalyMethod.cache_extras``. Each finished job is written to the run
 directory by the driver as soon as its result arrives.
 """
 
@@ -228,7 +229,7 @@ def extract_category_features(group: FeatureGroup, cache_dir: str | None) -> dic
         for start in range(0, len(paths), EXTRACT_CHUNK):
             extractor.extract(paths[start : start + EXTRACT_CHUNK])  # features stay on disk
         for method, variant, options in group.methods:
-            _precompute_extras(method, variant, options, backbone, extractor, data, paths)
+            _precompute_extras(method, variant, options, backbone, extractor, paths)
         stats = extractor.stats
         return {
             "encoded": stats.encoded + stats.extra_computed,
@@ -240,32 +241,13 @@ def extract_category_features(group: FeatureGroup, cache_dir: str | None) -> dic
         return {"encoded": 0, "cache_hits": 0, "error": f"{type(exc).__name__}: {exc}"}
 
 
-def _precompute_extras(method, variant, options, backbone, extractor, data, paths) -> None:
-    """Fill the cache with a method's per-image extras (WinCLIP window embeddings).
-
-    NOTE: methods are recognised by a public ``window_embeddings(paths)`` method, which
-    WinCLIP and WinCLIP+ define; a new method with other cached extras needs its own
-    case here, or its jobs encode those extras themselves (counted in images_encoded).
-    """
-    from h2vlr.methods import FitContext, create_method
+def _precompute_extras(method, variant, options, backbone, extractor, paths) -> None:
+    """Fill the cache with a method's per-image extras (for example WinCLIP windows)."""
+    from h2vlr.methods import create_method
 
     instance = create_method(method, variant, dict(options))
-    if not hasattr(instance, "window_embeddings"):
-        return
-    support = [data.support_pool[0].path]
-    instance.fit(
-        FitContext(
-            backbone=backbone,
-            extractor=extractor,
-            class_name=data.class_name,
-            support_paths=support,
-            support_features=extractor.extract(support),
-            seed=0,
-            device=backbone.device,
-        )
-    )
     for start in range(0, len(paths), EXTRACT_CHUNK):
-        instance.window_embeddings(paths[start : start + EXTRACT_CHUNK])
+        instance.cache_extras(backbone, extractor, paths[start : start + EXTRACT_CHUNK])
 
 
 def run_job_after_features(

@@ -67,6 +67,16 @@ class AnomalyMethod(ABC):
         self.variant = variant
         self.options = options
 
+    def cache_extras(
+        self, backbone: ClipBackbone, extractor: FeatureExtractor, paths: list[Path]
+    ) -> None:
+        """Cache per-image computations beyond the shared features, before any job runs.
+
+        The run's feature tasks call this for every image of a category, so that jobs
+        find everything in the cache. The default caches nothing.
+        """
+        return None
+
     @abstractmethod
     def fit(self, ctx: FitContext) -> dict[str, float]:
         """Adapt to the support set; return fit statistics (for example the final loss)."""

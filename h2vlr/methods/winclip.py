@@ -321,9 +321,19 @@ class WinClip(AnomalyMethod):
 
     # -- features
 
+    def cache_extras(
+        self, backbone: ClipBackbone, extractor: FeatureExtractor, paths: list[Path]
+    ) -> None:
+        """Compute and cache the window embeddings of image files; needs no fit."""
+        self._cached_windows(backbone, extractor, paths)
+
     def window_embeddings(self, paths: Sequence[Path]) -> dict[int, torch.Tensor]:
         """Return the cached window embeddings ``[B, W_s, D]`` of image files, per scale."""
-        backbone = self._require_fit()
+        return self._cached_windows(self._require_fit(), self._extractor, paths)
+
+    def _cached_windows(
+        self, backbone: ClipBackbone, extractor: FeatureExtractor, paths: Sequence[Path]
+    ) -> dict[int, torch.Tensor]:
         scales = self.config.scales
         if not scales:
             return {}
@@ -331,7 +341,7 @@ class WinClip(AnomalyMethod):
         def compute(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
             return encode_windows(backbone, pixels, scales, self.config.window_batch)
 
-        values = self._extractor.extract_extra(list(paths), window_kind(scales), compute)
+        values = extractor.extract_extra(list(paths), window_kind(scales), compute)
         return {scale: values[window_key(scale)] for scale in scales}
 
     def scale_tokens(self, features: Features, paths: Sequence[Path]) -> dict[int, torch.Tensor]:

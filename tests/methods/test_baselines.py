@@ -485,3 +485,18 @@ def test_methods_encode_each_image_once(tiny_backbone, demo, tmp_path):
 
 def test_window_cache_kind_names_scales():
     assert window_kind((2, 3)) == "winclip-windows:2,3"
+
+
+def test_cache_extras_fills_window_cache(tiny_backbone, demo, tmp_path):
+    data, support, test = demo
+    paths = list(dict.fromkeys([*support, *test]))
+    warm = FeatureExtractor(tiny_backbone, FeatureCache(tmp_path / "cache"))
+    for name in ("winclip", "patch-knn"):
+        create_method(name).cache_extras(tiny_backbone, warm, paths)
+    assert warm.stats.extra_computed == len(paths)  # winclip only; patch-knn caches nothing
+
+    jobs = FeatureExtractor(tiny_backbone, FeatureCache(tmp_path / "cache"))
+    for name in ("winclip", "winclip-plus"):
+        _fit_score(name, tiny_backbone, jobs, data.class_name, support, test, "full")
+    assert jobs.stats.extra_computed == 0
+    assert jobs.stats.extra_cache_hits > 0

@@ -234,3 +234,14 @@ def test_resume_skips_done_jobs(local_ray, baseline, tmp_path):
         )
     assert result.table("jobs")["job_id"].is_unique
     assert list(result.table("jobs").columns) == JOBS.names
+
+
+def test_window_methods_encode_nothing_in_jobs(local_ray, tmp_path):
+    args = [*BASE_ARGS, "--shots", "1", "--seeds", "0", "--methods", "winclip,winclip-plus"]
+    result = invoke_cli("run", args, tmp_path, "windows")
+
+    assert result.exit_code == 0, result.output
+    jobs = result.table("jobs")
+    assert (jobs["status"] == "ok").all()
+    assert jobs["images_encoded"].tolist() == [0, 0]
+    assert (jobs["feature_cache_hits"] > 0).all()
